@@ -1,0 +1,36 @@
+"""`kdlab train CONFIG [key=value ...]`."""
+from __future__ import annotations
+
+import argparse
+
+from kdlab.commands._common import add_config_args
+
+HELP = "train a model (a teacher from scratch, or a student with any method)"
+DESCRIPTION = """\
+Train the config's `model` with its `method` (vanilla = cross-entropy only; kd, dkd,
+reviewkd, ... need a `teacher` with a checkpoint written by an earlier 'kdlab train').
+
+Writes <output_dir>/<name>/: config.yaml (the resolved config), metrics.jsonl (one line
+per epoch: every loss term, train and val top-1/top-5), tb/ (TensorBoard), last.pt and
+best.pt (atomic checkpoints), result.json (last and best accuracy).
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help=HELP, description=DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p)
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                   help="continue from <run>/last.pt (or the given checkpoint); a finished run stays finished")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kdlab.config import load_config
+    from kdlab.engine.trainer import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    result = Trainer(cfg, resume=args.resume).fit()
+    print(f"{cfg.name}: last top1 {result.last_top1:.2f}  best top1 {result.best_top1:.2f} "
+          f"(epoch {result.best_epoch})  -> {result.run_dir}")
+    return 0

@@ -1,0 +1,170 @@
+"""The typed schema of an experiment config.
+
+One YAML file describes one experiment; `kdlab.config.load_config` validates it against
+`ExperimentConfig`. Every section forbids unknown keys, so a misspelt key is an error
+(with a suggestion) instead of a silently ignored setting.
+
+The `method` section is open-ended: each distillation method registers its own config
+class (a `MethodConfig` subclass) next to its implementation in `kdlab/methods/`, and the
+`name` key selects it. Adding a method therefore never edits this file.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    SerializeAsAny,
+    field_validator,
+    model_validator,
+)
+
+
+class StrictModel(BaseModel):
+    """Base of every config section: unknown keys and silent coercions are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MethodConfig(StrictModel):
+    """Base of the per-method config classes. `name` selects the method."""
+
+    name: str = "vanilla"
+
+
+class ModelConfig(StrictModel):
+    """A network: a zoo name (`resnet8x4`) or a prefixed external one (`tv:resnet18`)."""
+
+    name: str
+    checkpoint: str | None = Field(
+        default=None,
+        description="kdlab checkpoint to load weights from (required for a teacher).",
+    )
+    weights: str | None = Field(
+        default=None, description="Local weight file for torchvision/timm models."
+    )
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra constructor arguments.")
+
+
+class DataConfig(StrictModel):
+    """Which dataset, where it lives, and how it is batched and augmented."""
+
+    name: str = Field(default="digits", description="digits | cifar10 | cifar100 | imagefolder")
+    root: str | None = Field(default=None, description="Dataset folder (not needed for digits).")
+    train_split: str = "train"
+    val_split: str | None = Field(
+        default=None, description="ImageFolder validation folder name; default: 'val' or 'test'."
+    )
+    transform: str | None = Field(
+        default=None, description="cifar | imagenet | digits; default: the dataset's own."
+    )
+    augment: str = Field(default="standard", description="standard | none | autoaugment")
+    batch_size: PositiveInt = 64
+    eval_batch_size: PositiveInt | None = None
+    num_workers: NonNegativeInt = 2
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    train_subset: PositiveInt | None = Field(
+        default=None, description="Use only the first N (seeded shuffle) training samples."
+    )
+    label_noise: float = Field(default=0.0, ge=0.0, le=1.0, description="Symmetric noise ratio.")
+    noise_seed: int = 0
+
+
+class OptimConfig(StrictModel):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: PositiveFloat = 0.05
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    weight_decay: NonNegativeFloat = 5e-4
+
+
+class ScheduleConfig(StrictModel):
+    name: Literal["multistep", "cosine", "constant"] = "multistep"
+    milestones: list[PositiveInt] = Field(default_factory=lambda: [150, 180, 210])
+    gamma: float = Field(default=0.1, gt=0.0, le=1.0)
+    warmup_epochs: NonNegativeInt = Field(default=0, description="Linear learning-rate warm-up.")
+    min_lr: NonNegativeFloat = 0.0
+
+    @field_validator("milestones")
+    @classmethod
+    def _increasing(cls, v: list[int]) -> list[int]:
+        if any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError(f"milestones must be strictly increasing, got {v}")
+        return v
+
+
+class TrainConfig(StrictModel):
+    epochs: PositiveInt = 240
+    seed: int = 0
+    deterministic: bool = False
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    channels_last: bool = False
+    compile: bool = False
+    eval_every: PositiveInt = 1
+    save_every: NonNegativeInt = Field(
+        default=0, description="Also keep a checkpoint every N epochs (0: only last and best)."
+    )
+    nonfinite: Literal["stop", "skip"] = Field(
+        default="stop", description="On a NaN/inf loss: stop the run, or skip the batch."
+    )
+    max_skipped: NonNegativeInt = Field(
+        default=100, description="With nonfinite=skip, stop after this many skipped batches."
+    )
+    progress: bool = True
+    tensorboard: bool = True
+
+
+class ExperimentConfig(StrictModel):
+    """A whole experiment: what to train, from which teacher, with which method and recipe."""
+
+    name: str = "run"
+    output_dir: str = "runs"
+    model: ModelConfig
+    teacher: ModelConfig | None = None
+    method: SerializeAsAny[MethodConfig] = Field(
+        default_factory=lambda: {"name": "vanilla"}, validate_default=True
+    )
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _resolve_method(cls, value: Any) -> Any:
+        # The method section is validated by the class its `name` selects.
+        from kdlab.methods import method_config_class
+
+        if isinstance(value, MethodConfig):
+            return value
+        if isinstance(value, str):
+            value = {"name": value}
+        if not isinstance(value, dict):
+            raise ValueError("method must be a mapping with a 'name' key, e.g. {name: kd}")
+        name = value.get("name", "vanilla")
+        return method_config_class(str(name)).model_validate(value)
+
+    @model_validator(mode="after")
+    def _teacher_matches_method(self) -> "ExperimentConfig":
+        from kdlab.methods import method_class
+
+        needs = method_class(self.method.name).requires_teacher
+        if needs and self.teacher is None:
+            raise ValueError(
+                f"method {self.method.name!r} needs a teacher: add a 'teacher:' section "
+                "with 'name' and 'checkpoint'"
+            )
+        if needs and self.teacher is not None and not self.teacher.checkpoint and not self.teacher.weights:
+            raise ValueError(
+                "teacher.checkpoint is required: point it at a checkpoint written by "
+                "'kdlab train' (e.g. runs/<teacher>/best.pt)"
+            )
+        return self

@@ -1,0 +1,75 @@
+"""Build networks, distillers and data loaders from a config: the one place that wires
+the registries together (so the trainer, `kdlab eval` and the analysis tools agree)."""
+from __future__ import annotations
+
+from torch import nn
+from torch.utils.data import DataLoader
+
+from kdlab.config.schema import DataConfig, ExperimentConfig, ModelConfig
+from kdlab.engine.checkpoint import build_model_from_checkpoint, load_checkpoint, load_model_state
+from kdlab.engine.sampling import EpochSampler, SeededDataset
+from kdlab.errors import ConfigError
+from kdlab.methods import Distiller, method_class
+from kdlab.models import create_model
+from kdlab.registry import UnknownNameError
+
+
+def build_network(mcfg: ModelConfig, num_classes: int) -> nn.Module:
+    """A model from its config: from a kdlab checkpoint when one is named, else fresh."""
+    if mcfg.checkpoint:
+        model, _ = build_model_from_checkpoint(mcfg.checkpoint, mcfg.name, num_classes, mcfg.kwargs)
+        return model
+    try:
+        kwargs = dict(mcfg.kwargs)
+        if mcfg.weights:
+            kwargs["weights"] = mcfg.weights
+        return create_model(mcfg.name, num_classes=num_classes, **kwargs)
+    except UnknownNameError as exc:
+        raise ConfigError(f"invalid config: {exc}") from None
+
+
+def build_teacher(cfg: ExperimentConfig, num_classes: int) -> nn.Module | None:
+    if cfg.teacher is None:
+        return None
+    return build_network(cfg.teacher, num_classes)
+
+
+def build_distiller(cfg: ExperimentConfig, num_classes: int, input_size: tuple[int, int, int]) -> Distiller:
+    student = build_network(cfg.model, num_classes)
+    teacher = build_teacher(cfg, num_classes)
+    cls = method_class(cfg.method.name)
+    return cls(student, teacher if cls.requires_teacher else None, cfg.method,
+               input_size=input_size, num_classes=num_classes)
+
+
+def load_student_weights(model: nn.Module, path: str, name: str) -> None:
+    ckpt = load_checkpoint(path)
+    load_model_state(model, ckpt["model_state"], path, name)
+
+
+def train_loader(dataset, cfg: DataConfig, seed: int, device_type: str, num_replicas: int = 1,
+                 rank: int = 0) -> DataLoader:
+    """Shuffled loader yielding (images, targets, indices) with per-sample seeded augmentation."""
+    seeded = SeededDataset(dataset, seed)
+    sampler = EpochSampler(seeded, seed=seed, shuffle=True, num_replicas=num_replicas, rank=rank)
+    return DataLoader(
+        seeded,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        pin_memory=cfg.pin_memory and device_type == "cuda",
+        persistent_workers=cfg.persistent_workers and cfg.num_workers > 0,
+        drop_last=False,
+    )
+
+
+def eval_loader(dataset, cfg: DataConfig, device_type: str, sampler=None) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=cfg.eval_batch_size or max(cfg.batch_size, 128),
+        shuffle=False,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        pin_memory=cfg.pin_memory and device_type == "cuda",
+        persistent_workers=cfg.persistent_workers and cfg.num_workers > 0,
+    )

@@ -1,0 +1,20 @@
+"""Loss functions: pure functions of tensors, one file per paper.
+
+Each function's docstring names the paper and equation it implements.
+"""
+from kdlab.losses.kd import cross_entropy, kd_loss, reduce_loss
+from kdlab.losses.dkd import DKDTerms, dkd_loss, dkd_terms, nckd_loss, tckd_loss
+
+__all__ = ["cross_entropy", "kd_loss", "reduce_loss"]
+__all__ += ["DKDTerms", "dkd_loss", "dkd_terms", "nckd_loss", "tckd_loss"]
+
+from kdlab.losses.tolerant import (  # noqa: E402
+    confidence_penalty_loss,
+    label_smoothing_loss,
+    prediction_entropy,
+    tolerant_teacher_loss,
+    tsd_loss,
+)
+
+__all__ += ["confidence_penalty_loss", "label_smoothing_loss", "prediction_entropy",
+            "tolerant_teacher_loss", "tsd_loss"]

@@ -1,0 +1,22 @@
+"""Model zoo: the CIFAR/ImageNet architectures of the KD literature, with stage features.
+
+Public API: `create_model`, `list_models`, `feature_info`, `Features`, `FeatureClassifier`.
+"""
+from kdlab.models.features import FeatureClassifier, FeatureInfo, Features, StageInfo, feature_info
+from kdlab.models.registry import MODELS, create_model, list_models, register_model, register_prefix
+
+# Importing the zoo modules registers their constructors.
+from kdlab.models import zoo as _zoo  # noqa: F401,E402
+
+__all__ = [
+    "FeatureClassifier",
+    "FeatureInfo",
+    "Features",
+    "StageInfo",
+    "feature_info",
+    "MODELS",
+    "create_model",
+    "list_models",
+    "register_model",
+    "register_prefix",
+]

@@ -1,0 +1,35 @@
+"""Test-suite settings: small thread counts (the suite runs on 2 cores, often with
+pytest-xdist workers), no progress bars, and a helper to build tiny experiment configs."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Two xdist workers on two cores: one intra-op thread each avoids oversubscription.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+
+
+def tiny_config(tmp_path, **sections) -> dict:
+    """A raw config dict for a 1-epoch digits run in `tmp_path` (sections override)."""
+    from kdlab.config import deep_merge
+
+    base = {
+        "name": "tiny",
+        "output_dir": str(tmp_path / "runs"),
+        "model": {"name": "resnet8"},
+        "data": {"name": "digits", "batch_size": 64, "num_workers": 0, "train_subset": 256},
+        "optim": {"lr": 0.05},
+        "schedule": {"name": "constant"},
+        "train": {"epochs": 1, "progress": False, "tensorboard": False, "device": "cpu"},
+    }
+    return deep_merge(base, sections)
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    def make(**sections):
+        return tiny_config(tmp_path, **sections)
+
+    return make
