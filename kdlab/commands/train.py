@@ -22,6 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_args(p)
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                    help="continue from <run>/last.pt (or the given checkpoint); a finished run stays finished")
+    p.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="train N runs with seeds train.seed, +1, ... as <name>_seed<seed>; print mean ± std "
+                        "of last and best top-1/top-5 (see 'kdlab results')")
     p.set_defaults(func=run)
 
 
@@ -30,7 +33,18 @@ def run(args: argparse.Namespace) -> int:
     from kdlab.engine.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
-    result = Trainer(cfg, resume=args.resume).fit()
-    print(f"{cfg.name}: last top1 {result.last_top1:.2f}  best top1 {result.best_top1:.2f} "
-          f"(epoch {result.best_epoch})  -> {result.run_dir}")
+    if args.seeds is not None:
+        from kdlab.experiments.seeds import run_seeds_cli
+
+        return run_seeds_cli(cfg, args.seeds, args.resume)
+    from kdlab.engine.distributed import shutdown_distributed
+
+    try:
+        trainer = Trainer(cfg, resume=args.resume)
+        result = trainer.fit()
+    finally:
+        shutdown_distributed()  # torchrun: leave the process group cleanly
+    if trainer.is_main:
+        print(f"{cfg.name}: last top1 {result.last_top1:.2f}  best top1 {result.best_top1:.2f} "
+              f"(epoch {result.best_epoch})  -> {result.run_dir}")
     return 0

@@ -51,6 +51,28 @@ class ModelConfig(StrictModel):
     )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra constructor arguments.")
 
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        from kdlab.models.registry import check_model_name
+        import kdlab.models  # noqa: F401  (registers the zoo and the tv:/timm: prefixes)
+
+        try:
+            check_model_name(v)
+        except KeyError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+
+class TeacherConfig(ModelConfig):
+    """The frozen teacher: a `ModelConfig` plus an optional teacher-output cache."""
+
+    cache: str | None = Field(
+        default=None,
+        description="Teacher-output cache folder written by 'kdlab cache-teacher' (logit-only "
+        "methods with crop/flip augmentation; see docs/speed.md); null: run the teacher",
+    )
+
 
 class DataConfig(StrictModel):
     """Which dataset, where it lives, and how it is batched and augmented."""
@@ -70,11 +92,28 @@ class DataConfig(StrictModel):
     num_workers: NonNegativeInt = 2
     pin_memory: bool = True
     persistent_workers: bool = True
+    pipeline: Literal["standard", "gpu"] = Field(
+        default="standard",
+        description="standard: DataLoader + per-image transforms; gpu: the uint8 training set on "
+        "the training device, crop/flip/normalise on whole batches (CIFAR-size crop+flip only; "
+        "see docs/speed.md)",
+    )
     train_subset: PositiveInt | None = Field(
         default=None, description="Use only the first N (seeded shuffle) training samples."
     )
     label_noise: float = Field(default=0.0, ge=0.0, le=1.0, description="Symmetric noise ratio.")
     noise_seed: int = 0
+
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        from kdlab.data import DATASETS
+
+        try:
+            DATASETS.get(v)
+        except KeyError as exc:
+            raise ValueError(str(exc)) from None
+        return v
 
 
 class OptimConfig(StrictModel):
@@ -108,6 +147,11 @@ class TrainConfig(StrictModel):
     amp: Literal["none", "bf16", "fp16"] = "none"
     channels_last: bool = False
     compile: bool = False
+    sync_bn: bool = Field(
+        default=False,
+        description="DDP on CUDA: batch norm over the global batch (SyncBatchNorm) for the student "
+        "and the method's modules; false: each process normalises with its own batch",
+    )
     eval_every: PositiveInt = 1
     save_every: NonNegativeInt = Field(
         default=0, description="Also keep a checkpoint every N epochs (0: only last and best)."
@@ -128,7 +172,7 @@ class ExperimentConfig(StrictModel):
     name: str = "run"
     output_dir: str = "runs"
     model: ModelConfig
-    teacher: ModelConfig | None = None
+    teacher: TeacherConfig | None = None
     method: SerializeAsAny[MethodConfig] = Field(
         default_factory=lambda: {"name": "vanilla"}, validate_default=True
     )

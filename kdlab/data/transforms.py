@@ -155,6 +155,27 @@ def _none(preset: str, mean: Sequence[float], std: Sequence[float], size: int) -
     return eval_transform(preset, mean, std, size)
 
 
+@AUGMENTS.register("autoaugment")
+def _autoaugment(preset: str, mean: Sequence[float], std: Sequence[float], size: int) -> Transform:
+    """Standard crop + flip, then torchvision's AutoAugment policy, then ToTensor + Normalize
+    (training only; evaluation keeps `eval_transform`). DKD Table 2's strong augmentation.
+
+    The policy goes after the geometric augmentation, as in Cubuk et al. (its CIFAR policy was
+    searched on top of crop + flip), and before ToTensor because its colour ops (posterize,
+    solarize, equalize) work on uint8 pixels, not normalised floats. Policy: CIFAR10 for the
+    cifar preset (the DKD setting), IMAGENET for the imagenet preset. Its random draws use the
+    torch RNG, which `SeededDataset` seeds per sample, so runs stay reproducible."""
+    if preset == "digits":
+        raise DataError(
+            "data.augment='autoaugment' needs PIL images (the cifar or imagenet preset), but the "
+            "digits preset serves normalised tensors; set data.augment=standard for digits"
+        )
+    from torchvision import transforms as T
+
+    policy = T.AutoAugmentPolicy.CIFAR10 if preset == "cifar" else T.AutoAugmentPolicy.IMAGENET
+    return T.Compose(geometric_augment(preset, size) + [T.AutoAugment(policy)] + to_normalized_tensor(mean, std))
+
+
 def check_augment(augment: str) -> AugmentFn:
     """The registered augment function for `augment`, or a `DataError` listing valid names."""
     try:

@@ -46,6 +46,11 @@ def evaluate(
             top5.update(logits, targets)
     finally:
         model.train(was_training)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # DDP: each rank saw its shard; torchmetrics' compute() below syncs the accuracies.
+        sums = torch.tensor([loss_sum, float(count)], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(sums)
+        loss_sum, count = sums[0].item(), int(sums[1].item())
     return {
         "top1": 100.0 * top1.compute().item(),
         "top5": 100.0 * top5.compute().item(),

@@ -29,7 +29,10 @@ from kdlab.config.loader import config_to_dict, dump_config
 from kdlab.config.schema import ExperimentConfig
 from kdlab.engine.build import build_distiller, eval_loader, train_loader
 from kdlab.engine.checkpoint import FORMAT, VERSION, atomic_save, load_checkpoint, load_model_state
-from kdlab.engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from kdlab.engine.distributed import (
+    DistInfo, ShardSampler, all_reduce_sum, barrier, broadcast_buffers, convert_sync_bn, init_distributed,
+    per_rank_batch,
+)
 from kdlab.engine.evaluate import autocast_context, evaluate
 from kdlab.engine.optim import build_optimizer, build_scheduler
 from kdlab.engine.sampling import sample_seed
@@ -106,6 +109,12 @@ class Trainer:
         self.data = build_datasets(cfg.data, seed=cfg.train.seed)
         self.num_classes = self.data.num_classes
         self.distiller = build_distiller(cfg, self.num_classes, self.data.input_size).to(self.device)
+        if cfg.train.sync_bn:  # DDP on CUDA only; see kdlab/engine/distributed.py
+            self.distiller = convert_sync_bn(self.distiller, self.dist, self.device.type)
+        # data.batch_size is the global batch; each process loads its share of every step.
+        self.batch_per_rank = per_rank_batch(cfg.data.batch_size, self.dist)
+        eval_batch = cfg.data.eval_batch_size and max(cfg.data.eval_batch_size // self.dist.world_size, 1)
+        data_cfg = cfg.data.model_copy(update={"batch_size": self.batch_per_rank, "eval_batch_size": eval_batch})
         if cfg.train.channels_last:
             self.distiller = self.distiller.to(memory_format=torch.channels_last)
         self.step_module: nn.Module = self.distiller
@@ -118,13 +127,31 @@ class Trainer:
             self.step_module = torch.compile(self.step_module)
         self.optimizer = build_optimizer(self.distiller.trainable_parameters(), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.train.epochs)
-        use_scaler = cfg.train.amp == "fp16" and self.device.type == "cuda"
+        # fp16 gradients underflow without loss scaling on any device; bf16 needs none.
+        use_scaler = cfg.train.amp == "fp16"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
-        self.train_loader = train_loader(
-            self.data.train, cfg.data, cfg.train.seed, self.device.type,
-            num_replicas=self.dist.world_size, rank=self.dist.rank,
-        )
-        self.val_loader = eval_loader(self.data.val, cfg.data, self.device.type)
+        if cfg.data.pipeline == "gpu":  # uint8 data on the device, batch-wide crop/flip (docs/speed.md)
+            from kdlab.data.gpu_pipeline import gpu_loaders
+
+            self.train_loader, self.val_loader = gpu_loaders(
+                self.data, data_cfg, cfg.train.seed, self.device, channels_last=cfg.train.channels_last,
+                num_replicas=self.dist.world_size, rank=self.dist.rank,
+            )
+        else:
+            self.train_loader = train_loader(
+                self.data.train, data_cfg, cfg.train.seed, self.device.type,
+                num_replicas=self.dist.world_size, rank=self.dist.rank,
+            )
+            # Each rank evaluates its own shard; evaluate() sums the metrics over ranks.
+            shard = ShardSampler(len(self.data.val), self.dist) if self.dist.enabled else None
+            self.val_loader = eval_loader(self.data.val, data_cfg, self.device.type, sampler=shard)
+        from kdlab.engine.teacher_cache import teacher_feed
+
+        # teacher.cache: cached teacher logits of each drawn view replace the teacher forward.
+        self.teacher_feed = teacher_feed(cfg, self.data, self.distiller, self.device)
+        from kdlab.experiments.hooks import on_setup
+
+        on_setup(self)  # label-noise record beside the run; a method's one-off prepare() (dkd_split)
         self.start_epoch = 1
         self.start_batch = 0
         self.partial_sums: dict[str, float] | None = None
@@ -244,27 +271,32 @@ class Trainer:
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         cfg = self.cfg
         start = self.start_batch if epoch == self.start_epoch else 0
-        self.train_loader.sampler.set_epoch(epoch, start * cfg.data.batch_size)
+        self.train_loader.sampler.set_epoch(epoch, start * self.batch_per_rank)
         if start == 0:
             # The global RNG (dropout, etc.) restarts from a per-epoch seed, so an epoch's
             # randomness does not depend on what ran before it.
             torch.manual_seed(sample_seed(cfg.train.seed, epoch, -1))
         self.distiller.train()
         sums: dict[str, Tensor] = {}
-        if start and self.partial_sums:
+        if start and self.partial_sums and self.is_main:  # saved sums are rank 0's alone
             sums = {k: torch.tensor(v, device=self.device, dtype=torch.float64) for k, v in self.partial_sums.items()}
         batches = start
         total = len(self.train_loader) + start
         bar = tqdm(self.train_loader, total=total, initial=start, desc=f"epoch {epoch}",
                    disable=not (cfg.train.progress and self.is_main), leave=False, dynamic_ncols=True)
         try:
-            for images, targets, _ in bar:
-                images = images.to(self.device, non_blocking=True)
-                targets = targets.to(self.device, non_blocking=True)
+            for batch in bar:  # (images, targets, indices[, views]); views from data.pipeline=gpu
+                images = batch[0].to(self.device, non_blocking=True)
+                targets = batch[1].to(self.device, non_blocking=True)
                 if cfg.train.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
+                cached = {}
+                if self.teacher_feed is not None:
+                    cached["teacher_logits"] = self.teacher_feed.logits(batch, epoch)
+                if getattr(self.distiller, "needs_indices", False):  # dkd_split's global split
+                    cached["indices"] = batch[2].to(self.device, non_blocking=True)
                 with autocast_context(self.device, cfg.train.amp):
-                    out = self.step_module(images, targets, epoch=epoch)
+                    out = self.step_module(images, targets, epoch=epoch, **cached)
                 loss = sum(out.losses.values())
                 if not torch.isfinite(loss):
                     self._nonfinite(epoch, batches, out.losses)
@@ -340,6 +372,7 @@ class Trainer:
                 self.scheduler.step()
                 improved = False
                 if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
+                    broadcast_buffers(self.distiller.student, self.dist)  # evaluate what rank 0 saves
                     metrics = evaluate(self.distiller.student, self.val_loader, self.num_classes,
                                        self.device, cfg.train.amp, cfg.train.channels_last)
                     row.update({f"val/{k}": v for k, v in metrics.items()})

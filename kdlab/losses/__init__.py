@@ -18,3 +18,7 @@ from kdlab.losses.tolerant import (  # noqa: E402
 
 __all__ += ["confidence_penalty_loss", "label_smoothing_loss", "prediction_entropy",
             "tolerant_teacher_loss", "tsd_loss"]
+
+from kdlab.losses.hcl import HCL_POOL_SIZES, hcl_level, hcl_level_losses, hcl_loss  # noqa: E402
+
+__all__ += ["HCL_POOL_SIZES", "hcl_level", "hcl_level_losses", "hcl_loss"]

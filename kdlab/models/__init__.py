@@ -7,6 +7,8 @@ from kdlab.models.registry import MODELS, create_model, list_models, register_mo
 
 # Importing the zoo modules registers their constructors.
 from kdlab.models import zoo as _zoo  # noqa: F401,E402
+# Prefixes tv:/timm:/py: (torchvision, timm, custom modules); their libraries load lazily.
+from kdlab.models import adapter as _adapter, external as _external  # noqa: F401,E402
 
 __all__ = [
     "FeatureClassifier",

@@ -41,6 +41,21 @@ def create_model(name: str, num_classes: int = 100, **kwargs: Any) -> nn.Module:
     return MODELS.get(name)(num_classes=num_classes, **kwargs)
 
 
+def check_model_name(name: str) -> None:
+    """Raise `UnknownNameError` (listing valid names) unless `name` can be built."""
+    if ":" in name:
+        prefix = name.partition(":")[0]
+        if prefix not in _PREFIXES:
+            from kdlab.registry import UnknownNameError
+
+            raise UnknownNameError(
+                f"unknown model prefix {prefix!r} in {name!r}; known prefixes: "
+                f"{', '.join(sorted(_PREFIXES)) or '(none)'}"
+            )
+        return
+    MODELS.get(name)
+
+
 def list_models() -> list[str]:
     """Names of the built-in zoo models."""
     return MODELS.names()

@@ -1,0 +1,1 @@
+"""Analysis of trained models: reports, secondary-information metrics, plots."""

@@ -1,0 +1,83 @@
+"""`kdlab generations CONFIG [key=value ...]`: a patriarch and N generations in one command."""
+from __future__ import annotations
+
+import argparse
+
+from kdlab.commands._common import add_config_args, print_table
+
+HELP = "train a chain of generations from a (tolerant) patriarch, with a per-generation report"
+DESCRIPTION = """\
+Training in generations (Yang et al., arXiv 1805.05551): generation 0, the patriarch, trains
+alone (strict CE, or tolerant: eta*CE + (1-eta)*top-score difference, or label smoothing, or
+the confidence penalty); generation m >= 1 trains with (1-lam)*CE + lam*tau^2*KL(teacher||student)
+from generation m-1 of the same architecture. The config has an `experiment:` block (model,
+data, optim, schedule, train) and a `chain:` block (notation "D(eta, lam)", generations, ...).
+
+Writes <output_dir>/<experiment.name>/gen0..genN/ (normal run folders), chain.yaml, and
+generations.md / generations.json: top-1/top-5 (last and best epoch) per generation, the
+teacher's and the generation's own mean target probability, secondary-information metrics,
+and the accuracy of ensembles of the first g generations.
+
+Run it again after an interruption: finished generations are skipped and the interrupted one
+resumes from its last.pt. Overrides: experiment keys may drop the 'experiment.' prefix
+(train.epochs=2); chain keys need 'chain.' (chain.generations=2).
+"""
+EPILOG = """\
+examples:
+  kdlab generations configs/cifar100/generations/resnet56_d06_06.yaml data.root=/data/cifar100
+  kdlab generations configs/cifar10/generations/resnet8_d06_06.yaml chain.generations=2
+  kdlab generations CONFIG --dry-run      # validate and show the plan, train nothing
+  kdlab generations CONFIG --report       # (re)write the report from finished generations
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generations", help=HELP, description=DESCRIPTION, epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="validate the chain and print its plan; train nothing")
+    mode.add_argument("--report", action="store_true",
+                      help="only evaluate the finished generations and write the report")
+    p.set_defaults(func=run)
+
+
+def print_plan(chain) -> None:
+    from kdlab.analysis.generations import describe_generation
+
+    print(f"{chain.name}: {chain.settings.label}  ->  {chain.root}")
+    rows = []
+    for m, cfg in enumerate(chain.configs):
+        teacher = cfg.teacher.checkpoint if cfg.teacher is not None else "-"
+        rows.append([str(m), describe_generation(chain, m), cfg.method.name, str(cfg.train.seed),
+                     str(cfg.train.epochs), teacher])
+    print_table(["gen", "loss", "method", "seed", "epochs", "teacher"], rows)
+
+
+def print_report(report: dict) -> None:
+    from kdlab.analysis.generations import ensemble_table, generation_table
+
+    print(f"{report['chain']}: {report['label']}  ({report['finished']}/{report['planned']} generations, "
+          f"teacher = {report['settings']['checkpoint']}.pt of the previous generation)")
+    print_table(*generation_table(report))
+    print()
+    print_table(*ensemble_table(report))
+    print(f"report: {report['root']}/generations.md (and .json)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from kdlab.engine.generations import load_chain, run_chain
+
+    chain = load_chain(args.config, args.overrides)
+    if args.dry_run:
+        print_plan(chain)
+        return 0
+    if args.report:
+        from kdlab.analysis.generations import write_report
+
+        report = write_report(chain)
+    else:
+        report = run_chain(chain)
+    if report is not None:
+        print_report(report)
+    return 0

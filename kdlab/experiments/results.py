@@ -1,0 +1,217 @@
+"""Runs of a folder as one table, seeds grouped with mean and standard deviation.
+
+A run folder is any folder holding `result.json` (written by the trainer at the end of a
+run) and `config.yaml`. Runs named `<name>_seed<k>` (what `kdlab train --seeds N` writes)
+are grouped under `<name>`; every group reports n and, for last-epoch and best-epoch top-1
+and top-5, the mean and the *sample* standard deviation (n - 1 in the denominator; 0 for a
+single run). Papers report either last or best accuracy, so both are shown.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import yaml
+
+from kdlab.errors import KDLabError
+
+SEED_SUFFIX = re.compile(r"^(?P<base>.+)_seed(?P<seed>-?\d+)$")
+METRICS = ("last_top1", "best_top1", "last_top5", "best_top5")
+
+
+def seed_run_name(name: str, seed: int) -> str:
+    """The run name `kdlab train --seeds` gives seed `seed` of config `name`."""
+    return f"{name}_seed{seed}"
+
+
+def split_seed_name(name: str) -> tuple[str, int | None]:
+    """`'kd_x_seed3'` -> `('kd_x', 3)`; a name without the suffix -> `(name, None)`."""
+    m = SEED_SUFFIX.match(name)
+    return (m.group("base"), int(m.group("seed"))) if m else (name, None)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; 0.0 for one value; NaN for none)."""
+    vals = [float(v) for v in values]
+    if not vals:
+        return math.nan, math.nan
+    mean = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+
+
+@dataclass
+class RunRecord:
+    """One finished run: its result.json numbers and what its config.yaml says it trained."""
+
+    run_dir: Path
+    name: str
+    group: str
+    seed: int | None
+    method: str
+    model: str
+    teacher: str
+    dataset: str
+    epochs: int
+    metrics: dict[str, float]
+    best_epoch: int
+    config: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+def read_run(run_dir: str | Path) -> RunRecord:
+    """A `RunRecord` from `<run_dir>/result.json` and `<run_dir>/config.yaml`."""
+    run_dir = Path(run_dir)
+    try:
+        result = json.loads((run_dir / "result.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise KDLabError(f"{run_dir}: cannot read result.json ({exc}); is this a finished kdlab run folder?") from None
+    config: dict[str, Any] = {}
+    cfg_path = run_dir / "config.yaml"
+    if cfg_path.is_file():
+        config = yaml.safe_load(cfg_path.read_text()) or {}
+    name = str(config.get("name") or run_dir.name)
+    group, seed = split_seed_name(name)
+    if seed is None and config.get("train", {}).get("seed") is not None:
+        seed = int(config["train"]["seed"])
+    teacher = config.get("teacher") or {}
+    return RunRecord(
+        run_dir=run_dir,
+        name=name,
+        group=group,
+        seed=seed,
+        method=str((config.get("method") or {}).get("name", "?")),
+        model=str((config.get("model") or {}).get("name", "?")),
+        teacher=str(teacher.get("name", "-")) if teacher else "-",
+        dataset=str((config.get("data") or {}).get("name", "?")),
+        epochs=int(result.get("epochs", 0)),
+        metrics={k: float(result.get(k, math.nan)) for k in METRICS},
+        best_epoch=int(result.get("best_epoch", 0)),
+        config=config,
+    )
+
+
+def find_runs(folder: str | Path) -> list[RunRecord]:
+    """Every finished run (a folder with result.json) under `folder`, itself included."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise KDLabError(f"{str(folder)!r} is not a folder; pass the folder holding the run folders (e.g. runs)")
+    return [read_run(p.parent) for p in sorted(folder.rglob("result.json"))]
+
+
+def unfinished_runs(folder: str | Path) -> list[Path]:
+    """Run folders under `folder` that have metrics.jsonl but no result.json (still running or stopped)."""
+    return sorted(p.parent for p in Path(folder).rglob("metrics.jsonl") if not (p.parent / "result.json").exists())
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    # Seeds of one group may differ only in name, seed and where they were written.
+    out = json.loads(json.dumps(config))
+    out.pop("name", None)
+    out.pop("output_dir", None)
+    out.get("train", {}).pop("seed", None)
+    return out
+
+
+@dataclass
+class GroupSummary:
+    """Runs of one config over seeds: mean and sample std of each metric."""
+
+    group: str
+    runs: list[RunRecord]
+    stats: dict[str, tuple[float, float]]
+    consistent: bool
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+    @property
+    def first(self) -> RunRecord:
+        return self.runs[0]
+
+
+def group_runs(records: Iterable[RunRecord], root: str | Path | None = None) -> list[GroupSummary]:
+    """Group runs by name without the `_seed<k>` suffix (and by parent folder relative to
+    `root`, so equal names in different sub-folders stay apart)."""
+    groups: dict[str, list[RunRecord]] = {}
+    for rec in records:
+        key = rec.group
+        if root is not None:
+            parent = rec.run_dir.parent
+            try:
+                rel = parent.resolve().relative_to(Path(root).resolve())
+            except ValueError:
+                rel = Path(".")
+            if str(rel) not in (".", ""):
+                key = f"{rel.as_posix()}/{rec.group}"
+        groups.setdefault(key, []).append(rec)
+    out = []
+    for key, runs in groups.items():
+        runs.sort(key=lambda r: (r.seed if r.seed is not None else -1, r.name))
+        stats = {m: mean_std([r.metrics[m] for r in runs]) for m in METRICS}
+        first = _comparable(runs[0].config)
+        consistent = all(_comparable(r.config) == first for r in runs[1:])
+        out.append(GroupSummary(key, runs, stats, consistent))
+    return sorted(out, key=lambda g: g.group)
+
+
+def fmt_mean_std(mean: float, std: float, n: int) -> str:
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.2f}" if n < 2 else f"{mean:.2f} ± {std:.2f}"
+
+
+TABLE_HEADERS = ["run", "n", "method", "model", "teacher", "last top-1", "best top-1", "last top-5", "best top-5"]
+
+
+def table_rows(groups: Sequence[GroupSummary]) -> list[list[str]]:
+    rows = []
+    for g in groups:
+        name = g.group if g.consistent else f"{g.group} (configs differ!)"
+        rows.append([name, str(g.n), g.first.method, g.first.model, g.first.teacher]
+                    + [fmt_mean_std(*g.stats[m], g.n) for m in METRICS])
+    return rows
+
+
+def format_text(groups: Sequence[GroupSummary], markdown: bool = False) -> str:
+    """An aligned table (valid Markdown either way; `markdown` only changes the ± sign's escaping)."""
+    from kdlab.commands._common import print_table
+
+    buf = io.StringIO()
+    rows = table_rows(groups)
+    if markdown:
+        rows = [[c.replace("|", "\\|") for c in r] for r in rows]
+    print_table(TABLE_HEADERS, rows, file=buf)
+    return buf.getvalue()
+
+
+def format_csv(groups: Sequence[GroupSummary]) -> str:
+    """One CSV line per group with the numbers as numbers (mean and std in separate columns)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    header = ["run", "n", "method", "model", "teacher", "dataset", "epochs"]
+    for m in METRICS:
+        header += [f"{m}_mean", f"{m}_std"]
+    header += ["seeds", "run_dirs", "consistent"]
+    writer.writerow(header)
+    for g in groups:
+        row: list[Any] = [g.group, g.n, g.first.method, g.first.model, g.first.teacher, g.first.dataset, g.first.epochs]
+        for m in METRICS:
+            mean, std = g.stats[m]
+            row += [f"{mean:.4f}", f"{std:.4f}"]
+        row += [" ".join(str(r.seed) for r in g.runs), " ".join(str(r.run_dir) for r in g.runs), g.consistent]
+        writer.writerow(row)
+    return buf.getvalue()
+
+
+__all__ = [
+    "GroupSummary", "METRICS", "RunRecord", "find_runs", "fmt_mean_std", "format_csv", "format_text",
+    "group_runs", "mean_std", "read_run", "seed_run_name", "split_seed_name", "unfinished_runs",
+]

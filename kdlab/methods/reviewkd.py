@@ -1,0 +1,253 @@
+"""ReviewKD: CE + weight * warmup(epoch) * sum_j HCL(fused_j, F_t^j) (Chen, Liu, Zhao, Jia,
+"Distilling Knowledge via Knowledge Review", CVPR 2021).
+
+Levels, deepest first: the pooled vector as a 1x1 map, then the stages from deep to
+shallow. Student levels are post-activation stage outputs (`student_preact: true` takes
+the pre-activation ones, as the authors' ImageNet setting does); teacher levels are always
+pre-activation. Attention-based fusion (ABF) modules walk the student levels deepest first;
+each fuses its level with the fused output of the deeper one and maps it to the teacher's
+channel count; HCL compares each output with the teacher level of the same depth.
+
+Nothing is hard-coded per pair: channel counts come from one dummy forward of each model
+at construction, spatial sizes are read from the actual tensors at every step (so any
+input resolution works), and when the two models have different numbers of stages the
+deepest `min(S, T)` stages of each are paired, deepest with deepest.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import NonNegativeFloat, NonNegativeInt, PositiveInt
+from torch import Tensor, nn
+
+from kdlab.config.schema import MethodConfig
+from kdlab.errors import ConfigError, TrainingError
+from kdlab.losses import cross_entropy, hcl_level_losses
+from kdlab.methods import register_method
+from kdlab.methods.base import Distiller, StepOutput, warmup_factor
+from kdlab.models.features import Features
+
+log = logging.getLogger(__name__)
+
+#: Cap of the automatic middle width (reference code: min(512, deepest student channels)).
+MAX_MID_CHANNELS = 512
+
+
+class ReviewKDConfig(MethodConfig):
+    # Defaults: the method's own defaults in the authors' code; the per-pair loss weights
+    # live in configs/cifar100/reviewkd/*.yaml.
+    name: Literal["reviewkd"] = "reviewkd"
+    ce_weight: NonNegativeFloat = 1.0
+    weight: NonNegativeFloat = 1.0  # lambda, the weight of the summed HCL
+    warmup_epochs: NonNegativeInt = 20  # linear ramp of the ReviewKD term (1 on ImageNet)
+    mid_channels: PositiveInt | None = None  # ABF width; null: min(512, deepest student channels)
+    student_preact: bool = False  # student features before the stage's last ReLU (ImageNet setting)
+
+
+def resize_map(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """`x` (N, C, H, W) at spatial `size`: nearest-neighbour when enlarging (the reference
+    code's choice), adaptive average pooling when shrinking in both dimensions, so a
+    smaller target summarises the whole map instead of sampling every k-th pixel."""
+    size = (int(size[0]), int(size[1]))
+    h, w = x.shape[-2:]
+    if (h, w) == size:
+        return x
+    if size[0] <= h and size[1] <= w:
+        return F.adaptive_avg_pool2d(x, size)
+    return F.interpolate(x, size=size, mode="nearest")
+
+
+class ABF(nn.Module):
+    """Attention-based fusion of one level (ReviewKD Sec. 3.2, Fig. 3b).
+
+    x = BN(conv1x1(student level)) to `mid` channels; with a deeper residual y (resized to
+    x's size), two spatial attention maps a = sigmoid(conv1x1([x, y])) weight the sum
+    x * a_0 + y * a_1. The result, resized to the teacher level's size, is the residual
+    for the next shallower level; BN(conv3x3(.)) of it, at the teacher's channel count,
+    is compared with the teacher.
+    """
+
+    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, fuse: bool) -> None:
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(in_channels, mid_channels, 1, bias=False), nn.BatchNorm2d(mid_channels))
+        self.conv2 = nn.Sequential(
+            nn.Conv2d(mid_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels)
+        )
+        self.att_conv = (
+            nn.Sequential(nn.Conv2d(2 * mid_channels, 2, 1), nn.Sigmoid()) if fuse else None
+        )
+        # The authors' initialisation of the two feature convs.
+        nn.init.kaiming_uniform_(self.conv1[0].weight, a=1)
+        nn.init.kaiming_uniform_(self.conv2[0].weight, a=1)
+
+    def forward(self, x: Tensor, residual: Tensor | None, out_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        x = self.conv1(x)
+        if self.att_conv is not None:
+            if residual is None:
+                raise ValueError("a fusing ABF needs the residual of the deeper level")
+            y = resize_map(residual, x.shape[-2:])
+            a = self.att_conv(torch.cat([x, y], dim=1))
+            x = x * a[:, 0:1] + y * a[:, 1:2]
+        x = resize_map(x, out_size)
+        return self.conv2(x), x
+
+
+@dataclass(frozen=True)
+class Level:
+    """One compared level: indices into the stage lists (None: the pooled vector)."""
+
+    student_stage: int | None
+    teacher_stage: int | None
+    student_channels: int
+    teacher_channels: int
+    student_hw: tuple[int, int]
+    teacher_hw: tuple[int, int]
+
+    @property
+    def name(self) -> str:
+        return "pool" if self.student_stage is None else f"s{self.student_stage + 1}_t{self.teacher_stage + 1}"
+
+
+@torch.no_grad()
+def _probe(model: nn.Module, role: str, input_size: tuple[int, ...], preact: bool) -> tuple[list[tuple[int, int, int]], int]:
+    """(stage shapes (C, H, W) shallow to deep, pooled width) of `model`, by one dummy
+    forward in eval mode (training mode restored), or a ConfigError saying why not."""
+    what = f"the {role} ({type(model).__name__})"
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(torch.zeros(2, *input_size, device=device), features=True)
+    except TypeError as exc:
+        raise ConfigError(
+            f"ReviewKD needs stage features, but {what} does not accept model(x, features=True) ({exc}); "
+            "use a kdlab zoo model or a tv:/timm: CNN, or wrap the model in a FeatureClassifier"
+        ) from None
+    finally:
+        model.train(was_training)
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Features)):
+        raise ConfigError(
+            f"ReviewKD needs stage features, but {what} did not return (logits, Features) for "
+            "features=True; make it a kdlab FeatureClassifier"
+        )
+    feats = out[1]
+    maps = feats.preact_stages if preact else feats.stages
+    if not maps:
+        raise ConfigError(f"ReviewKD cannot pair {what}: it exposes no stage features (Features.stages is empty)")
+    for i, f in enumerate(maps):
+        if f.dim() != 4:
+            raise ConfigError(
+                f"ReviewKD cannot pair {what}: its stage {i + 1} output has shape {tuple(f.shape)}, not "
+                "(N, C, H, W); the fusion modules need spatial maps (a transformer's token sequence has "
+                "none), so use a convolutional model as the " + role
+            )
+    return [tuple(int(s) for s in f.shape[1:]) for f in maps], int(feats.pooled.flatten(1).shape[1])  # type: ignore[misc]
+
+
+def plan_levels(student: nn.Module, teacher: nn.Module, input_size: tuple[int, ...],
+                student_preact: bool = False) -> list[Level]:
+    """The compared levels, deepest first: pooled with pooled, then the deepest
+    min(S, T) stages of each model paired deepest with deepest."""
+    s_stages, s_pool = _probe(student, "student", input_size, student_preact)
+    t_stages, t_pool = _probe(teacher, "teacher", input_size, True)
+    n = min(len(s_stages), len(t_stages))
+    levels = [Level(None, None, s_pool, t_pool, (1, 1), (1, 1))]
+    for k in range(1, n + 1):
+        si, ti = len(s_stages) - k, len(t_stages) - k
+        levels.append(Level(si, ti, s_stages[si][0], t_stages[ti][0], s_stages[si][1:], t_stages[ti][1:]))
+    return levels
+
+
+@register_method("reviewkd")
+class ReviewKD(Distiller):
+    """Knowledge review with attention-based fusion and the hierarchical context loss."""
+
+    Config = ReviewKDConfig
+    logits_only = False  # needs the teacher's stage features, not just its logits
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg: MethodConfig, *,
+                 input_size: tuple[int, int, int] = (3, 32, 32), num_classes: int | None = None) -> None:
+        super().__init__(student, teacher, cfg, input_size=input_size, num_classes=num_classes)
+        c: ReviewKDConfig = cfg  # type: ignore[assignment]
+        self.levels = plan_levels(student, teacher, self.input_size, c.student_preact)
+        self.mid_channels = c.mid_channels or min(MAX_MID_CHANNELS, self.levels[0].student_channels)
+        self.abfs = nn.ModuleList(
+            ABF(lv.student_channels, self.mid_channels, lv.teacher_channels, fuse=i > 0)
+            for i, lv in enumerate(self.levels)
+        )
+        log.info("ReviewKD levels (deepest first): %s", "; ".join(self.describe_levels()))
+
+    def describe_levels(self) -> list[str]:
+        """Human-readable pairing, deepest first (input size of the construction probe)."""
+        def side(stage: int | None, ch: int, hw: tuple[int, int]) -> str:
+            return f"{'pooled' if stage is None else f'stage {stage + 1}'} {ch}x{hw[0]}x{hw[1]}"
+        return [f"student {side(lv.student_stage, lv.student_channels, lv.student_hw)} -> "
+                f"teacher {side(lv.teacher_stage, lv.teacher_channels, lv.teacher_hw)}" for lv in self.levels]
+
+    @staticmethod
+    def _select(feats: Features, stages: list[Tensor], indices: list[int | None]) -> list[Tensor]:
+        pooled = feats.pooled.flatten(1)[:, :, None, None]
+        return [pooled if i is None else stages[i] for i in indices]
+
+    def fuse(self, student_levels: list[Tensor], teacher_levels: list[Tensor]) -> list[Tensor]:
+        """ABF outputs, deepest first, each at its teacher level's channels and size."""
+        outs, residual = [], None
+        for abf, x, t in zip(self.abfs, student_levels, teacher_levels):
+            out, residual = abf(x, residual, t.shape[-2:])
+            outs.append(out)
+        return outs
+
+    def _student_features(self, images: Tensor) -> tuple[Tensor, Features]:
+        try:
+            return self.student(images, features=True)
+        except ValueError as exc:
+            if images.shape[0] == 1 and "Expected more than 1 value per channel" in str(exc):
+                raise TrainingError(
+                    "a training batch of 1 sample reached a batch-norm layer of the student whose "
+                    "map is 1x1, where batch statistics are undefined; use data.batch_size >= 2 "
+                    "and a training-set size that does not leave a last batch of 1"
+                ) from None
+            raise
+
+    def logit_losses(self, logits: Tensor, teacher_logits: Tensor, targets: Tensor, warm: float
+                     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Extra logit-distillation terms (none here; `reviewkd_dkd` adds DKD's)."""
+        return {}, {}
+
+    def forward_train(self, images: Tensor, targets: Tensor, *, epoch: int, teacher_logits: Tensor | None = None) -> StepOutput:
+        cfg: ReviewKDConfig = self.cfg  # type: ignore[assignment]
+        t_logits, t_feats = self.teacher_forward(images, features=True)
+        logits, s_feats = self._student_features(images)
+        s_maps = s_feats.preact_stages if cfg.student_preact else s_feats.stages
+        s_levels = self._select(s_feats, s_maps, [lv.student_stage for lv in self.levels])
+        t_levels = self._select(t_feats, t_feats.preact_stages, [lv.teacher_stage for lv in self.levels])
+        # One sample: batch statistics of the 1x1 pooled level are undefined (batch-norm
+        # raises), so the fusion modules use their running statistics for this step.
+        single = self.training and images.shape[0] == 1
+        if single:
+            self.abfs.eval()
+        try:
+            fused = self.fuse(s_levels, t_levels)
+        finally:
+            if single:
+                self.abfs.train()
+        per_level = hcl_level_losses(fused, t_levels)
+        warm = warmup_factor(epoch, cfg.warmup_epochs)
+        losses = {
+            "ce": cfg.ce_weight * cross_entropy(logits, targets),
+            "reviewkd": cfg.weight * warm * torch.stack(per_level).sum(),
+        }
+        # Unweighted per-level HCL, to see which depth the student matches worst.
+        stats = {f"hcl_{lv.name}": v.detach() for lv, v in zip(self.levels, per_level)}
+        extra_losses, extra_stats = self.logit_losses(logits, t_logits, targets, warm)
+        losses.update(extra_losses)
+        stats.update(extra_stats)
+        return StepOutput(logits, losses, stats)
+
+
+__all__ = ["ABF", "Level", "ReviewKD", "ReviewKDConfig", "plan_levels", "resize_map"]

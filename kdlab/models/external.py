@@ -1,0 +1,476 @@
+"""torchvision (`tv:NAME`) and timm (`timm:NAME`) classifiers as kdlab `FeatureClassifier`s.
+
+    create_model("tv:resnet18", num_classes=10)                   # torchvision, random init
+    create_model("tv:resnet34", num_classes=1000, weights="resnet34.pth")
+    create_model("timm:convnext_atto", num_classes=10, weights="w.safetensors", reset_head=True)
+
+Weights are never downloaded: `weights=PATH` (the config's `model.weights`) loads a local
+state dict; `reset_head=True` keeps a head of another class count out of the load
+(`kdlab.models.weights`). Other keyword arguments go to the library's constructor.
+
+Stage features come from each library's own extractor, so every architecture it supports
+is handled the same way:
+
+- torchvision: `torchvision.models.feature_extraction` (torch.fx). The model is traced
+  once, node shapes are propagated on a 128x128 dummy input, and the stages are the last
+  node of each child of the trunk (`features`, `layers` or `trunk_output` when the model
+  has one, else the model's own children) at every resolution of stride 4 or more: for a
+  ResNet `layer1`..`layer4`, for MobileNet/EfficientNet/ConvNeXt the last `features.N`
+  block before each down-sampling. The pre-activation of a stage is the input of its final
+  activation when the stage ends with one (`layerK.<last>.add` for ResNets; the BN before
+  the final ReLU6/Hardswish of a MobileNet's last block); a stage that ends without an
+  activation (MobileNetV2/V3 linear bottlenecks, ConvNeXt) has pre = post. A single
+  activation applied right after the trunk (DenseNet's `relu` after `norm5`) is absorbed
+  into the last stage. The pooled vector is the input of the head module (`fc`,
+  `classifier`, `head`), averaged over space if it is still a map. Transformers
+  (`vit_*`, `swin_*`, `maxvit_*`) are logits-only: KD and DKD work, stage methods do not.
+- timm: `forward_intermediates` (the API behind `features_only`) for the stage outputs at
+  the `feature_info` entries of reduction 4, 8, 16, 32 (the last one per reduction), and
+  `forward_head(x, pre_logits=True)` for the pooled vector. timm returns no pre-activation
+  features; kdlab finds, with one dummy forward at construction, the activation module that
+  produces each stage's output (e.g. `layer1.1.act2` in a timm ResNet) and captures its
+  input with a forward pre-hook. Stages that end without an activation (ConvNeXt: a stage
+  ends with the residual add) have pre = post.
+
+In-place operations would corrupt captured tensors (torchvision's ResNet block does
+`out += identity; relu(out)` in place, so a naive hook on that sum sees its ReLU). Both
+wrappers therefore switch every module's `inplace` flag off and, for torchvision, also the
+`inplace=True` of functional calls in the traced graph; `tests/test_external_models.py`
+checks the captured pre-activations against a recomputation.
+"""
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdlab.errors import ConfigError, KDLabError
+from kdlab.models.features import FeatureClassifier, Features
+from kdlab.models.registry import register_prefix
+from kdlab.models.weights import head_prefix, load_weights
+from kdlab.registry import closest
+
+log = logging.getLogger("kdlab")
+
+#: Modules and functions treated as "the stage's final activation".
+ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.GELU, nn.LeakyReLU, nn.ELU, nn.SELU,
+    nn.CELU, nn.Mish, nn.PReLU, nn.Hardtanh,
+)
+ACTIVATION_FUNCTIONS: set[Callable[..., Any]] = {
+    F.relu, torch.relu, F.relu6, F.hardswish, F.silu, F.gelu, F.leaky_relu, F.elu, F.selu,
+    F.celu, F.mish, F.hardtanh,
+}
+#: In-place functions rewritten to their out-of-place twins in traced graphs.
+INPLACE_FUNCTIONS: dict[Callable[..., Any], Callable[..., Any]] = {
+    torch.relu_: torch.relu, F.relu_: F.relu, operator.iadd: operator.add,
+    operator.imul: operator.mul,
+}
+INPLACE_METHODS = {"relu_": "relu", "add_": "add", "mul_": "mul", "clamp_": "clamp"}
+
+#: Stage discovery: dummy input side for torchvision, smallest stride counted as a stage.
+_TV_DISCOVERY_SIDE = 128
+_MIN_REDUCTION = 4
+_TV_TRUNKS = ("features", "layers", "trunk_output")
+_TV_HEADS = ("fc", "classifier", "head", "heads")
+_TV_LOGITS_ONLY = ("vit_", "swin_", "swin3d", "maxvit_")
+
+
+def disable_inplace(module: nn.Module) -> None:
+    """Turn off `inplace` on every submodule (ReLU, Hardswish, Dropout, ...): captured
+    features must not be overwritten later in the same forward."""
+    for m in module.modules():
+        if isinstance(getattr(m, "inplace", None), bool):
+            m.inplace = False
+
+
+def _no_features_error(label: str, why: str) -> KDLabError:
+    return ConfigError(
+        f"model {label!r} exposes no stage features ({why}); use it with a logits-only method "
+        "(kd, dkd, vanilla), or wrap it yourself with kdlab.models.adapter.wrap_model(module, "
+        "stages=[...]) and name it with the py: prefix (docs/own-model.md)"
+    )
+
+
+def _split_pooled(pooled: Tensor) -> Tensor:
+    # The head's input is a vector for most models; a remaining map (SqueezeNet) is averaged.
+    return pooled.mean((2, 3)) if pooled.dim() == 4 else pooled.flatten(1)
+
+
+# ============================================================================ torchvision
+@dataclass(frozen=True)
+class StageNodes:
+    """torch.fx node names (torchvision's naming) of the tensors a TorchvisionClassifier returns."""
+
+    post: tuple[str, ...]
+    pre: tuple[str, ...]
+    pooled: str
+    logits: str
+    head: str
+
+
+def _is_activation(node: Any, root: nn.Module) -> bool:
+    if node.op == "call_module":
+        try:
+            return isinstance(root.get_submodule(node.target), ACTIVATION_MODULES)
+        except AttributeError:
+            return False
+    if node.op == "call_function":
+        return node.target in ACTIVATION_FUNCTIONS or node.target in (torch.relu_, F.relu_)
+    if node.op == "call_method":
+        return node.target in ("relu", "relu_")
+    return False
+
+
+def discover_stage_nodes(net: nn.Module, side: int = _TV_DISCOVERY_SIDE) -> StageNodes:
+    """Trace `net` with torchvision's node naming and pick its stage, pooled and logit nodes.
+
+    Raises ValueError with the reason when the model cannot be traced or has no stages.
+    """
+    from torch.fx import GraphModule
+    from torch.fx.passes.shape_prop import ShapeProp
+    from torchvision.models.feature_extraction import NodePathTracer, _set_default_tracer_kwargs
+
+    was_training = net.training
+    net.eval()
+    try:
+        tracer = NodePathTracer(**_set_default_tracer_kwargs(None))
+        graph = tracer.trace(net)
+        param = next(net.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        with torch.no_grad():
+            ShapeProp(GraphModule(tracer.root, graph)).propagate(torch.zeros(1, 3, side, side, device=device))
+    except Exception as exc:  # dynamic control flow, fixed input sizes, ...
+        raise ValueError(f"torch.fx could not trace it: {type(exc).__name__}: {str(exc)[:200]}") from None
+    finally:
+        net.train(was_training)
+    qual = tracer.node_to_qualname
+    nodes = [n for n in graph.nodes if n in qual]
+
+    def shape(node: Any) -> tuple[int, ...] | None:
+        meta = node.meta.get("tensor_meta")
+        return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+    def last_node_of(prefix: str) -> Any:
+        found = None
+        for n in nodes:
+            q = qual[n]
+            if q == prefix or q.startswith(prefix + "."):
+                found = n
+        return found
+
+    children = dict(net.named_children())
+    trunk = next((t for t in _TV_TRUNKS if t in children and len(list(children[t].children())) >= 2), None)
+    names = ([f"{trunk}.{c}" for c, _ in children[trunk].named_children()] if trunk
+             else list(children))
+    by_resolution: dict[int, Any] = {}
+    for name in names:
+        node = last_node_of(name)
+        s = shape(node) if node is not None else None
+        if s is None or len(s) != 4 or s[2] <= 1 or side // s[2] < _MIN_REDUCTION:
+            continue
+        by_resolution[s[2]] = node  # later children at the same resolution win
+    if not by_resolution:
+        raise ValueError("no convolutional feature maps of stride >= 4 were found")
+    order = {n: i for i, n in enumerate(nodes)}
+    posts = sorted(by_resolution.values(), key=order.__getitem__)
+    post_names, pre_names = [], []
+    for node in posts:
+        users = list(node.users)
+        if _is_activation(node, net) and node.args and node.args[0] in qual:
+            pre, post = node.args[0], node
+        elif len(users) == 1 and users[0] in qual and _is_activation(users[0], net) and shape(users[0]) == shape(node):
+            pre, post = node, users[0]  # e.g. DenseNet: F.relu(features) after the trunk
+        else:
+            pre = post = node
+        post_names.append(qual[post])
+        pre_names.append(qual[pre])
+    head = next((h for h in _TV_HEADS if h in children), None)
+    if head is None:
+        raise ValueError(f"no classifier head module (looked for {', '.join(_TV_HEADS)})")
+    first_head = next(n for n in nodes if qual[n] == head or qual[n].startswith(head + "."))
+    pooled = first_head.args[0] if first_head.args else None
+    output = next(n for n in graph.nodes if n.op == "output")
+    logits = output.args[0]
+    if pooled not in qual or logits not in qual:
+        raise ValueError("its head input or output is not a single tensor")
+    return StageNodes(tuple(post_names), tuple(pre_names), qual[pooled], qual[logits], head)
+
+
+def _rewrite_inplace(graph: Any) -> None:
+    for node in graph.nodes:
+        if node.kwargs.get("inplace") is True:
+            node.kwargs = {**node.kwargs, "inplace": False}
+        if node.op == "call_function" and node.target in INPLACE_FUNCTIONS:
+            node.target = INPLACE_FUNCTIONS[node.target]
+        elif node.op == "call_method" and node.target in INPLACE_METHODS:
+            node.target = INPLACE_METHODS[node.target]
+
+
+class TorchvisionClassifier(FeatureClassifier):
+    """A torchvision classifier whose forward is its `create_feature_extractor` graph.
+
+    `self.net` is the extractor (a GraphModule holding the model's own submodules under
+    their original names, so its state dict is the torchvision one prefixed by `net.`).
+    It returns the logits and, in the same forward, the stage, pre-activation and pooled
+    tensors (`self.nodes` names them). Models that cannot be traced keep `net` as is and
+    are logits-only.
+    """
+
+    default_input_size = (3, 224, 224)
+
+    def __init__(self, net: nn.Module, label: str) -> None:
+        super().__init__()
+        from torchvision.models.feature_extraction import create_feature_extractor
+
+        self.label = label
+        disable_inplace(net)
+        self.nodes: StageNodes | None = None
+        self._why_no_features = ""
+        if label.split(":", 1)[-1].startswith(_TV_LOGITS_ONLY):
+            self._why_no_features = "transformers have no convolutional stages"
+        else:
+            try:
+                self.nodes = discover_stage_nodes(net)
+            except ValueError as exc:
+                self._why_no_features = str(exc)
+                log.warning("%s: %s; only its logits are available", label, exc)
+        if self.nodes is None:
+            self.net = net
+            return
+        nodes = self.nodes
+        wanted = [*nodes.post, *nodes.pre, nodes.pooled, nodes.logits]
+        self._keys = {name: f"t{i}" for i, name in enumerate(dict.fromkeys(wanted))}
+        was_training = net.training
+        extractor = create_feature_extractor(net, return_nodes=dict(self._keys))
+        for graph in (extractor.train_graph, extractor.eval_graph):
+            _rewrite_inplace(graph)
+        extractor.graph = extractor.train_graph if extractor.training else extractor.eval_graph  # recompile
+        extractor.train(was_training)
+        self.net = extractor
+
+    def get_classifier(self) -> nn.Module:
+        if self.nodes is not None:
+            return self.net.get_submodule(self.nodes.head)
+        children = dict(self.net.named_children())
+        return next((children[h] for h in _TV_HEADS if h in children), nn.Identity())
+
+    def forward_features(self, x: Tensor) -> tuple[Tensor, Features]:
+        if self.nodes is None:
+            raise _no_features_error(self.label, self._why_no_features)
+        out = self.net(x)
+        k, n = self._keys, self.nodes
+        stages = [out[k[name]] for name in n.post]
+        pre = [out[k[name]] for name in n.pre]
+        return out[k[n.logits]], Features(stages, pre, _split_pooled(out[k[n.pooled]]))
+
+    def forward(self, x: Tensor, features: bool = False):
+        if self.nodes is None:
+            if features:
+                raise _no_features_error(self.label, self._why_no_features)
+            return self.net(x)
+        if features:
+            return self.forward_features(x)
+        return self.net(x)[self._keys[self.nodes.logits]]
+
+
+def _tv_names() -> list[str]:
+    from torchvision import models
+
+    return sorted(models.list_models(module=models))
+
+
+def torchvision_model(name: str, num_classes: int = 1000, weights: str | None = None,
+                      reset_head: bool = False, **kwargs: Any) -> TorchvisionClassifier:
+    """`tv:NAME`: any torchvision classification model, random init or a local weight file."""
+    from torchvision import models
+
+    label = f"tv:{name}"
+    names = _tv_names()
+    if name not in names:
+        hint = closest(name, names)
+        raise ConfigError(
+            f"unknown torchvision classifier {label!r}.{f' Did you mean tv:{hint}?' if hint else ''} "
+            f"torchvision {__import__('torchvision').__version__} has: {', '.join(names)}"
+        )
+    if kwargs.get("weights") is not None or kwargs.pop("pretrained", False):
+        raise ConfigError(f"{label}: kdlab never downloads weights; set model.weights to a local file instead")
+    if name in ("googlenet", "inception_v3"):
+        kwargs.setdefault("aux_logits", False)  # one logits tensor in train mode too
+        kwargs.setdefault("init_weights", True)
+    try:
+        net = models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{label} does not accept model.kwargs {sorted(kwargs)}: {exc}; remove them") from None
+    if weights:
+        load_weights(net, weights, label=label, head=head_prefix(net, num_classes), reset_head=reset_head)
+    return TorchvisionClassifier(net, label)
+
+
+# ============================================================================ timm
+def _import_timm(label: str):
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError(
+            f"model {label!r} needs the optional package timm, which is not installed; "
+            "install it with: pip install 'kdlab[timm]' (or pip install timm)"
+        ) from None
+    return timm
+
+
+def _capture_input_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+    """Forward pre-hook of a stage's final activation: keep its input (the pre-activation)
+    while a TimmClassifier asks for features. The activation runs out of place
+    (`disable_inplace`), so the kept tensor stays intact."""
+    if getattr(module, "_kdlab_capture", False):
+        module._kdlab_pre = args[0]
+
+
+class TimmClassifier(FeatureClassifier):
+    """A timm model with stage features from `forward_intermediates` (see module docstring).
+
+    `self.net` is the timm model itself, so the state dict is timm's prefixed by `net.`.
+    `stage_modules` / `preact_modules` name what was found for each stage.
+    """
+
+    default_input_size = (3, 224, 224)
+
+    def __init__(self, net: nn.Module, label: str) -> None:
+        super().__init__()
+        self.label = label
+        disable_inplace(net)
+        self.net = net
+        self._why_no_features = ""
+        self._preact_mods: list[nn.Module | None] = []
+        self._classifier_is_head = True
+        info = list(getattr(net, "feature_info", None) or [])
+        self.indices: list[int] = []
+        self.stage_modules: list[str] = []
+        self.preact_modules: list[str | None] = []
+        if not hasattr(net, "forward_intermediates"):
+            self._why_no_features = "this timm model has no forward_intermediates"
+            return
+        last_by_reduction: dict[int, int] = {}
+        for i, entry in enumerate(info):
+            if int(entry.get("reduction", 0)) >= _MIN_REDUCTION:
+                last_by_reduction[int(entry["reduction"])] = i
+        self.indices = sorted(last_by_reduction.values())
+        if not self.indices:
+            self._why_no_features = "its feature_info lists no stage of stride >= 4"
+            return
+        self.stage_modules = [str(info[i]["module"]) for i in self.indices]
+        self._discover_preact()
+        # Plain list (not a ModuleList: these modules are registered under self.net already);
+        # deepcopy maps it onto the copied modules, whose hook is the same stateless function.
+        self._preact_mods = [self.net.get_submodule(n) if n else None for n in self.preact_modules]
+        for module in self._preact_mods:
+            if module is not None:
+                module.register_forward_pre_hook(_capture_input_hook)
+
+    @torch.no_grad()
+    def _discover_preact(self) -> None:
+        """One dummy forward: which activation module outputs each stage's tensor."""
+        last: dict[int, tuple[str, Tensor]] = {}
+        handles = []
+        for j, stage_name in enumerate(self.stage_modules):
+            for sub, module in self.net.get_submodule(stage_name).named_modules():
+                if isinstance(module, ACTIVATION_MODULES):
+                    full = f"{stage_name}.{sub}"
+
+                    def record(m, a, out, j=j, full=full):
+                        last[j] = (full, out)
+
+                    handles.append(module.register_forward_hook(record))
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            size = tuple(self.net.pretrained_cfg.get("input_size", (3, 224, 224)))
+            side = 64 if min(size[1:]) >= 64 else min(size[1:])
+            try:
+                x = torch.zeros(1, 3, side, side)
+                final, inters = self.net.forward_intermediates(x, indices=self.indices)
+            except Exception:  # models with a fixed input size
+                x = torch.zeros(1, *size)
+                final, inters = self.net.forward_intermediates(x, indices=self.indices)
+            pooled = _split_pooled(self.net.forward_head(final, pre_logits=True))
+            head_out = self.net.forward_head(final)
+            self._classifier_is_head = bool(torch.allclose(self.net.get_classifier()(pooled), head_out, atol=1e-5))
+        finally:
+            self.net.train(was_training)
+            for h in handles:
+                h.remove()
+        self.preact_modules = [
+            last[j][0] if j in last and last[j][1] is inters[j] else None
+            for j in range(len(self.indices))
+        ]
+
+    def get_classifier(self) -> nn.Module:
+        return self.net.get_classifier()
+
+    def forward_features(self, x: Tensor) -> tuple[Tensor, Features]:
+        if not self.indices:
+            raise _no_features_error(self.label, self._why_no_features)
+        mods = self._preact_mods
+        for m in mods:
+            if m is not None:
+                m._kdlab_capture = True
+        try:
+            final, stages = self.net.forward_intermediates(x, indices=self.indices)
+        finally:
+            pre_found = {}
+            for j, m in enumerate(mods):
+                if m is not None:
+                    m._kdlab_capture = False
+                    if getattr(m, "_kdlab_pre", None) is not None:
+                        pre_found[j] = m._kdlab_pre
+                    m._kdlab_pre = None
+        pooled = _split_pooled(self.net.forward_head(final, pre_logits=True))
+        if self._classifier_is_head:
+            logits = self.net.get_classifier()(pooled)  # one head pass: pooled and logits agree
+        else:
+            logits = self.net.forward_head(final)
+        pre = [pre_found.get(j, s) for j, s in enumerate(stages)]
+        return logits, Features(list(stages), pre, pooled)
+
+    def forward(self, x: Tensor, features: bool = False):
+        if features:
+            return self.forward_features(x)
+        return self.net(x)
+
+
+def timm_model(name: str, num_classes: int = 1000, weights: str | None = None,
+               reset_head: bool = False, **kwargs: Any) -> TimmClassifier:
+    """`timm:NAME`: any timm model, random init or a local weight file (timm's key names)."""
+    label = f"timm:{name}"
+    timm = _import_timm(label)
+    if not timm.is_model(name):
+        hint = closest(name, timm.list_models())
+        similar = timm.list_models(f"*{name.split('_')[0]}*")[:12]
+        raise ConfigError(
+            f"unknown timm model {label!r}.{f' Did you mean timm:{hint}?' if hint else ''} "
+            f"Similar names: {', '.join(similar) or 'none'} (timm.list_models() lists all)"
+        )
+    if kwargs.pop("pretrained", False) or kwargs.get("pretrained_cfg_overlay"):
+        raise ConfigError(f"{label}: kdlab never downloads weights; set model.weights to a local file instead")
+    try:
+        net = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{label} does not accept model.kwargs {sorted(kwargs)}: {exc}; remove them") from None
+    if weights:
+        head = None
+        classifier = net.get_classifier()
+        for qualname, module in net.named_modules():
+            if module is classifier:
+                head = qualname
+        load_weights(net, weights, label=label, head=head, reset_head=reset_head)
+    return TimmClassifier(net, label)
+
+
+register_prefix("tv", torchvision_model)
+register_prefix("timm", timm_model)

@@ -1,0 +1,188 @@
+"""The exact teacher-output cache: built once, looked up per drawn view, refused when stale."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from kdlab.cli import main
+from kdlab.config import load_config
+from kdlab.data import build_datasets
+from kdlab.data.views import UnsupportedAugmentation, describe_transform, views_of
+from kdlab.engine.build import build_teacher
+from kdlab.engine.sampling import SeededDataset
+from kdlab.engine.teacher_cache import (
+    StaleCacheError,
+    TeacherCache,
+    build_cache,
+    check_method,
+    open_cache,
+    train_spec,
+)
+from kdlab.engine.trainer import Trainer
+from kdlab.errors import ConfigError, DataError, KDLabError
+from kdlab.losses import dkd_loss, kd_loss
+from kdlab.methods import method_class
+
+try:
+    from tests.fakedata import write_cifar10, write_imagefolder
+    from tests.speedkit import tiny_model_registered, write_teacher
+except ImportError:  # tests/ itself on sys.path
+    from fakedata import write_cifar10, write_imagefolder  # type: ignore[no-redef]
+    from speedkit import tiny_model_registered, write_teacher  # type: ignore[no-redef]
+
+N_TRAIN = 12
+VIEWS = 162
+CLASSES = 10
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Fake CIFAR-10, a tiny teacher checkpoint and its cache, built through the CLI."""
+    from conftest import tiny_config
+
+    tmp = tmp_path_factory.mktemp("cache")
+    write_cifar10(tmp / "data", N_TRAIN, 8)
+    with tiny_model_registered() as tiny:
+        teacher = write_teacher(tmp / "teacher.pt", tiny)
+
+        def config(**sections):
+            base = tiny_config(
+                tmp,
+                model={"name": tiny},
+                teacher={"name": tiny, "checkpoint": str(teacher), "cache": str(tmp / "cache")},
+                method={"name": "kd"},
+                data={"name": "cifar10", "root": str(tmp / "data"), "train_subset": None, "batch_size": 4},
+                train={"deterministic": True},
+            )
+            from kdlab.config import deep_merge
+
+            return deep_merge(base, sections)
+
+        path = tmp / "config.yaml"
+        path.write_text(yaml.safe_dump(config()))
+        assert main(["cache-teacher", str(path)]) == 0
+        yield SimpleNamespace(tmp=tmp, teacher=teacher, cache=tmp / "cache", config=config, tiny=tiny)
+
+
+def test_cache_file_holds_every_view_in_fp16(env):
+    cache = TeacherCache(env.cache)
+    assert cache.logits.dtype == np.float16
+    assert cache.shape == (N_TRAIN, VIEWS, CLASSES)
+    assert (env.cache / "logits.f16").stat().st_size == N_TRAIN * VIEWS * CLASSES * 2
+    assert cache.meta["augmentation"]["padding"] == 4 and cache.meta["augmentation"]["flip"] is True
+    assert len(cache.meta["teacher"]["sha256"]) == 64
+    # Views differ from one another (a cache of one repeated view would pass nothing below).
+    assert float(np.abs(np.diff(cache.logits[0].astype(np.float32), axis=0)).max()) > 1e-2
+
+
+def test_cached_logits_and_losses_equal_online_for_the_drawn_views(env):
+    cfg = load_config(data=env.config())
+    data = build_datasets(cfg.data, cfg.train.seed)
+    cache = open_cache(cfg, data)
+    spec = train_spec(data)
+    teacher = build_teacher(cfg, CLASSES).eval()
+    seeded = SeededDataset(data.train, cfg.train.seed)
+    idx = torch.arange(N_TRAIN)
+    targets = torch.tensor(data.train.targets)
+    student = torch.randn(N_TRAIN, CLASSES, generator=torch.Generator().manual_seed(0)) * 3
+    for epoch in (1, 2):
+        images = torch.stack([seeded[(epoch, i)][0] for i in range(N_TRAIN)])  # the standard pipeline
+        with torch.no_grad():
+            online = teacher(images)
+        views = views_of(spec, cfg.train.seed, epoch, idx)
+        cached = cache.lookup(idx, views)
+        tol = 2e-3 * float(online.abs().max())  # fp16 keeps ~11 bits
+        assert torch.allclose(cached, online, rtol=0, atol=tol)
+        for loss in (lambda t: kd_loss(student, t, 4.0), lambda t: dkd_loss(student, t, targets, 1.0, 8.0, 4.0)):
+            a, b = loss(cached), loss(online)
+            assert abs(float(a) - float(b)) <= 2e-3 * abs(float(b))
+        # Another view's logits are not within tolerance: the lookup depends on the drawn view.
+        wrong = cache.lookup(idx, (views + 1) % VIEWS)
+        assert not torch.allclose(wrong, online, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("pipeline", ["standard", "gpu"])
+def test_training_from_the_cache_matches_online_training(env, pipeline):
+    # A subset exercises the subset -> base-index mapping of the lookups.
+    data = {"train_subset": 8, "pipeline": pipeline}
+    online = Trainer(load_config(data=env.config(data=data, teacher={"cache": None}, name="online"))).fit()
+    cached = Trainer(load_config(data=env.config(data=data, name="cached"))).fit()
+    a, b = online.history[0], cached.history[0]
+    for key in ("train/loss", "train/kd", "train/ce", "val/loss"):
+        assert abs(a[key] - b[key]) <= 2e-3 * abs(a[key]) + 1e-5, key
+
+
+def test_stale_teacher_checkpoint_is_refused(env):
+    other = write_teacher(env.tmp / "other_teacher.pt", env.tiny, seed=1)
+    cfg = load_config(data=env.config(teacher={"checkpoint": str(other)}))
+    data = build_datasets(cfg.data, cfg.train.seed)
+    with pytest.raises(StaleCacheError, match=r"stale.*sha256.*kdlab cache-teacher"):
+        open_cache(cfg, data)
+
+
+def test_other_dataset_is_refused(env):
+    write_cifar10(env.tmp / "data2", N_TRAIN, 8, seed=1)  # same size, other pixels
+    cfg = load_config(data=env.config(data={"root": str(env.tmp / "data2")}))
+    with pytest.raises(StaleCacheError, match="dataset"):
+        open_cache(cfg, build_datasets(cfg.data, 0))
+
+
+def test_missing_cache_is_refused_with_the_build_command(env):
+    cfg = load_config(data=env.config(teacher={"cache": str(env.tmp / "nowhere")}))
+    with pytest.raises(DataError, match="does not exist.*kdlab cache-teacher"):
+        open_cache(cfg, build_datasets(cfg.data, 0))
+
+
+def test_existing_cache_is_not_overwritten_without_force(env):
+    cfg = load_config(data=env.config())
+    with pytest.raises(KDLabError, match="--force"):
+        build_cache(cfg, env.cache, progress=False)
+
+
+def test_continuous_augmentation_is_refused(env, tmp_path):
+    write_imagefolder(tmp_path / "folder", 2, 2, size=32)
+    teacher = write_teacher(tmp_path / "t2.pt", env.tiny, num_classes=2)
+    # imagefolder's default preset trains with RandomResizedCrop: no finite set of views.
+    cfg = load_config(data=env.config(teacher={"checkpoint": str(teacher)},
+                                      data={"name": "imagefolder", "root": str(tmp_path / "folder")}))
+    with pytest.raises(DataError, match="finite set of views.*RandomResizedCrop.*does not apply to continuous"):
+        build_cache(cfg, tmp_path / "c", progress=False)
+
+
+def test_describe_transform_refuses_autoaugment_and_accepts_crop_flip():
+    from torchvision import transforms as T
+
+    tail = [T.ToTensor(), T.Normalize((0.5,) * 3, (0.25,) * 3)]
+    spec = describe_transform(T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] + tail), 32)
+    assert (spec.padding, spec.flip, spec.num_views) == (4, True, 162)
+    assert describe_transform(T.Compose(tail), 32).num_views == 1
+    for bad in ([T.RandomCrop(32, padding=4), T.AutoAugment()] + tail,
+                [T.RandomCrop(32, padding=4, padding_mode="reflect")] + tail,
+                [T.RandomHorizontalFlip(0.3)] + tail):
+        with pytest.raises(UnsupportedAugmentation):
+            describe_transform(T.Compose(bad), 32)
+
+
+def test_feature_methods_and_teacherless_methods_are_refused():
+    def fake(name):
+        cls = method_class(name)
+        return SimpleNamespace(cfg=SimpleNamespace(name=name), requires_teacher=cls.requires_teacher,
+                               logits_only=cls.logits_only)
+
+    check_method(fake("kd"))
+    check_method(fake("dkd"))
+    with pytest.raises(ConfigError, match="needs the teacher's features"):
+        check_method(fake("reviewkd"))
+    with pytest.raises(ConfigError, match="uses no teacher"):
+        check_method(fake("vanilla"))
+
+
+def test_trainer_refuses_cache_for_a_teacherless_method(env):
+    cfg = load_config(data=env.config(method={"name": "vanilla"}))
+    with pytest.raises(ConfigError, match="uses no teacher; remove teacher.cache"):
+        Trainer(cfg).setup()
