@@ -1,0 +1,132 @@
+"""Step time of ReviewKD against KD and against the floor (student step + teacher forward).
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/reviewkd_step.py            # CPU, 2 threads
+    .venv/bin/python benchmarks/reviewkd_step.py --device cuda --steps 50
+
+One "step" is what the trainer does per batch, without data loading: forward, loss, backward,
+SGD update. Timed on one fixed random batch (default resnet32x4 -> resnet8x4, 100 classes,
+batch 64, 32x32), median over `--steps` steps after `--warmup` untimed ones:
+
+    student step      student forward + CE + backward + update (no teacher)
+    teacher forward   the teacher's forward without gradients (eval mode)
+    floor             student step + teacher forward: the least any distillation step costs
+    KD step           kdlab's `kd` method (teacher forward inside the step)
+    ReviewKD step     kdlab's `reviewkd` method (teacher features, ABFs, HCL, ABF update)
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kdlab.losses import cross_entropy  # noqa: E402
+from kdlab.methods import method_class  # noqa: E402
+from kdlab.models import create_model  # noqa: E402
+
+
+def median_ms(fn: Callable[[], None], steps: int, warmup: int, device: torch.device) -> float:
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--teacher", default="resnet32x4")
+    p.add_argument("--student", default="resnet8x4")
+    p.add_argument("--classes", type=int, default=100)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads on CPU")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    images = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    targets = torch.randint(0, args.classes, (args.batch,), device=device)
+    teacher = create_model(args.teacher, args.classes).to(device).eval().requires_grad_(False)
+
+    def fresh_student() -> torch.nn.Module:
+        torch.manual_seed(1)
+        return create_model(args.student, args.classes).to(device).train()
+
+    def optimizer(params) -> torch.optim.Optimizer:
+        return torch.optim.SGD(list(params), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+    student = fresh_student()
+    opt = optimizer(student.parameters())
+
+    def student_step() -> None:
+        loss = cross_entropy(student(images), targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    @torch.no_grad()
+    def teacher_forward() -> None:
+        teacher(images)
+
+    def distiller_step(name: str, **method) -> tuple[Callable[[], None], torch.nn.Module]:
+        cls = method_class(name)
+        d = cls(fresh_student(), teacher, cls.Config(**method), input_size=(3, args.size, args.size),
+                num_classes=args.classes).to(device).train()
+        o = optimizer(d.trainable_parameters())
+
+        def step() -> None:
+            out = d(images, targets, epoch=100)
+            loss = sum(out.losses.values())
+            o.zero_grad(set_to_none=True)
+            loss.backward()
+            o.step()
+
+        return step, d
+
+    kd_step, _ = distiller_step("kd")
+    rkd_step, rkd = distiller_step("reviewkd", weight=5.0)
+    n = dict(steps=args.steps, warmup=args.warmup, device=device)
+    results = {
+        "student step": median_ms(student_step, **n),
+        "teacher forward": median_ms(teacher_forward, **n),
+        "KD step": median_ms(kd_step, **n),
+        "ReviewKD step": median_ms(rkd_step, **n),
+    }
+    results["floor (student step + teacher forward)"] = results["student step"] + results["teacher forward"]
+
+    abf_params = sum(p.numel() for p in rkd.abfs.parameters())
+    student_params = sum(p.numel() for p in rkd.student.parameters())
+    print(f"{args.teacher} -> {args.student}, {args.classes} classes, batch {args.batch}, "
+          f"{args.size}x{args.size}, {device}"
+          + (f", {torch.get_num_threads()} threads" if device.type == "cpu" else "")
+          + f", median of {args.steps} steps after {args.warmup} warm-up")
+    print(f"ABF parameters {abf_params:,} (student {student_params:,}); mid width {rkd.mid_channels}")
+    for key in ("student step", "teacher forward", "floor (student step + teacher forward)", "KD step", "ReviewKD step"):
+        print(f"  {key:<40s} {results[key]:9.1f} ms")
+    print(f"  {'ReviewKD / KD':<40s} {results['ReviewKD step'] / results['KD step']:9.2f}x")
+    print(f"  {'ReviewKD / floor':<40s} {results['ReviewKD step'] / results['floor (student step + teacher forward)']:9.2f}x")
+    print(f"  {'KD / floor':<40s} {results['KD step'] / results['floor (student step + teacher forward)']:9.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,434 @@
+"""Step time of every distillation method against its floor, measured side by side.
+
+    .venv/bin/python benchmarks/step_time.py --teacher resnet32x4 --student resnet8x4 \
+        --batch 64 --device cpu --threads 2 --steps 12 --warmup 2 [--profile]
+
+The floor of a distillation step is one student training step (forward, cross-entropy,
+backward, SGD step) plus one teacher forward without gradients. This script times, on
+random images (data loading is excluded from the step; `--profile` measures it apart):
+
+- the student alone (the `vanilla` method), the teacher forward alone (eval, no grad);
+- every registered method that trains a student (`kdlab.methods.list_methods()`, so methods
+  added later are included), with the same SGD optimiser as the recipes, through the same
+  `Distiller` call the trainer makes (`distiller(images, targets, epoch=...)`);
+- the logit-only methods (KD, DKD, generation) fed from a teacher-output cache
+  (`kdlab.engine.teacher_cache.TeacherCache.lookup` on a memory-mapped fp16 file of random
+  logits: the lookup is included, the teacher is not run).
+
+Modes are interleaved: `--rounds` rounds, each running every mode for steps/rounds steps,
+so a change in machine load hits all modes alike; the table reports the median over all
+timed steps (after `--warmup` untimed steps per mode), images/s, the ratio to the floor
+(median student step + median teacher forward, from the same run) and the ratio to the
+student-alone step. The output is a Markdown table to paste into the README.
+
+Where the time goes (`--profile`, resnet32x4 -> resnet8x4, batch 64, CPU, 2 threads; the
+numbers are in docs/speed.md):
+
+- KD and DKD: the teacher forward is about 60% of the step and the student's forward +
+  backward + SGD step about 40%; the KD/DKD loss itself (a few (64, 100) log-softmaxes) is
+  well under 1%. Nothing is left to remove but the teacher forward, which the teacher-output
+  cache does (a cached KD step is a student step plus a ~0.1 ms table lookup).
+- ReviewKD: the fusion modules (ABFs) and HCL add their own forward and backward to the
+  student's (about 1.8 GFLOP per image for resnet32x4 -> resnet8x4), and the student's
+  backward grows with them; see the profile table for the split. The teacher is the same
+  single no-grad forward as in KD.
+- Data (not in the step): the standard pipeline (PIL pad/crop/flip, ToTensor, Normalize,
+  collate) costs a few ms per 64-image batch on one core; the batched crop/flip of
+  `data.pipeline: gpu` a fraction of that, and on a GPU it runs on the device.
+
+Only CPU figures have been measured so far: no GPU was available to this project's
+speed work. `--device cuda` synchronises around each timed step and supports
+`--amp bf16`, `--channels-last` and `--compile`; its results have not been measured yet.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+from kdlab.methods import list_methods, method_class  # noqa: E402
+from kdlab.models import create_model  # noqa: E402
+
+EPOCH = 50  # past every method's loss warm-up, so each step does its full work
+
+
+@dataclass
+class Mode:
+    name: str
+    kind: str  # "student" | "teacher" | "method" | "nonteacher" | "cache"
+    step: Callable[[], None]
+    times: list[float] = field(default_factory=list)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default="resnet32x4")
+    p.add_argument("--student", default="resnet8x4")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--classes", type=int, default=100)
+    p.add_argument("--size", type=int, default=32, help="input side (default 32: CIFAR)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads on CPU (default 2)")
+    p.add_argument("--steps", type=int, default=12, help="timed steps per mode (default 12)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per mode first (default 2)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds the steps are split into")
+    p.add_argument("--methods", default=None, help="comma-separated subset (default: every registered method)")
+    p.add_argument("--no-cache", action="store_true", help="skip the teacher-output-cache modes")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile each distiller (slow start)")
+    p.add_argument("--profile", action="store_true", help="also break the KD/DKD/ReviewKD step down, and time data")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the raw per-step times")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+class Bench:
+    """Models, batch and optimiser settings shared by every mode."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.device = torch.device(args.device)
+        torch.manual_seed(0)
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.randn(args.batch, 3, args.size, args.size, generator=g).to(self.device)
+        self.targets = torch.randint(0, args.classes, (args.batch,), generator=g).to(self.device)
+        if args.channels_last:
+            self.images = self.images.contiguous(memory_format=torch.channels_last)
+        self.teacher = self._net(args.teacher).eval().requires_grad_(False)
+        self._tmp = tempfile.TemporaryDirectory(prefix="kdlab-bench-")
+
+    def _net(self, name: str) -> torch.nn.Module:
+        net = create_model(name, num_classes=self.args.classes).to(self.device)
+        return net.to(memory_format=torch.channels_last) if self.args.channels_last else net
+
+    def autocast(self):
+        if self.args.amp == "none":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.args.amp == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def distiller(self, name: str):
+        cls = method_class(name)
+        d = cls(self._net(self.args.student), self.teacher if cls.requires_teacher else None, cls.Config(),
+                input_size=(3, self.args.size, self.args.size), num_classes=self.args.classes)
+        d = d.to(self.device).train()
+        if self.args.channels_last:
+            d = d.to(memory_format=torch.channels_last)
+        return d
+
+    def train_step(self, distiller, teacher_logits: Callable[[], torch.Tensor] | None = None) -> Callable[[], None]:
+        """The trainer's step: forward under autocast, summed losses, zero_grad, backward, SGD."""
+        opt = torch.optim.SGD(list(distiller.trainable_parameters()), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        call = torch.compile(distiller) if self.args.compile else distiller
+
+        def step() -> None:
+            extra = {"teacher_logits": teacher_logits()} if teacher_logits is not None else {}
+            with self.autocast():
+                out = call(self.images, self.targets, epoch=EPOCH, **extra)
+            loss = sum(out.losses.values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return step
+
+    def teacher_step(self) -> Callable[[], None]:
+        teacher = torch.compile(self.teacher) if self.args.compile else self.teacher
+
+        def step() -> None:
+            with torch.no_grad(), self.autocast():
+                teacher(self.images)
+
+        return step
+
+    def cache_lookup(self) -> Callable[[], torch.Tensor]:
+        """A lookup in a memory-mapped fp16 cache of random logits (2,048 images x 162 views)."""
+        from kdlab.engine.teacher_cache import LOGITS_FILE, META_FILE, VERSION, FORMAT, TeacherCache
+
+        n, v, c = 2048, 162, self.args.classes
+        folder = Path(self._tmp.name) / "cache"
+        folder.mkdir(exist_ok=True)
+        mm = np.memmap(folder / LOGITS_FILE, dtype=np.float16, mode="w+", shape=(n, v, c))
+        mm[:] = np.random.default_rng(0).normal(0, 3, size=(n, v, c)).astype(np.float16)
+        mm.flush()
+        (folder / META_FILE).write_text(json.dumps({"format": FORMAT, "version": VERSION, "shape": [n, v, c]}))
+        cache = TeacherCache(folder)
+        if self.device.type == "cuda":
+            cache.to_device(self.device)  # as the trainer does with data.pipeline=gpu
+        g = torch.Generator().manual_seed(1)
+
+        def lookup() -> torch.Tensor:
+            idx = torch.randint(0, n, (self.args.batch,), generator=g)
+            views = torch.randint(0, v, (self.args.batch,), generator=g)
+            return cache.lookup(idx, views, self.device)
+
+        return lookup
+
+
+def build_modes(bench: Bench) -> list[Mode]:
+    args = bench.args
+    wanted = args.methods.split(",") if args.methods else [m for m in list_methods() if m != "vanilla"]
+    modes = [Mode(f"student alone ({args.student})", "student", bench.train_step(bench.distiller("vanilla"))),
+             Mode(f"teacher forward ({args.teacher}, no grad)", "teacher", bench.teacher_step())]
+    cached: list[str] = []
+    for name in wanted:
+        cls = method_class(name)
+        kind = "method" if cls.requires_teacher else "nonteacher"
+        label = name if cls.requires_teacher else f"{name} (no teacher)"
+        modes.append(Mode(label, kind, bench.train_step(bench.distiller(name))))
+        if cls.requires_teacher and cls.logits_only and not args.no_cache:
+            cached.append(name)
+    if cached:
+        lookup = bench.cache_lookup()
+        for name in cached:
+            modes.append(Mode(f"{name} from teacher cache", "cache", bench.train_step(bench.distiller(name), lookup)))
+    return modes
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def warm_up(bench: Bench, modes: list[Mode]) -> tuple[list[Mode], list[str]]:
+    """Run each mode's warm-up steps; a mode that fails (e.g. a method whose default config
+    needs more than this loop gives it) is dropped and reported, not fatal."""
+    kept, skipped = [], []
+    for mode in modes:
+        try:
+            for _ in range(max(1, bench.args.warmup)):
+                mode.step()
+            kept.append(mode)
+        except Exception as exc:  # noqa: BLE001 - report any method's failure and go on
+            if mode.kind in ("student", "teacher"):
+                raise
+            skipped.append(f"{mode.name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+            print(f"  skipped {skipped[-1]}", file=sys.stderr)
+    bench.sync()
+    return kept, skipped
+
+
+def run_interleaved(bench: Bench, modes: list[Mode]) -> None:
+    args = bench.args
+    per_round = max(1, -(-args.steps // args.rounds))
+    for r in range(args.rounds):
+        for mode in modes:
+            for _ in range(per_round):
+                bench.sync()
+                t0 = time.perf_counter()
+                mode.step()
+                bench.sync()
+                mode.times.append(time.perf_counter() - t0)
+        print(f"  round {r + 1}/{args.rounds} done (load {os.getloadavg()[0]:.2f})", file=sys.stderr)
+
+
+def median_ms(times: list[float]) -> float:
+    return 1000.0 * statistics.median(times)
+
+
+def quartiles_ms(times: list[float]) -> tuple[float, float]:
+    q = np.percentile(np.asarray(times) * 1000.0, [25, 75])
+    return float(q[0]), float(q[1])
+
+
+def results_table(bench: Bench, modes: list[Mode]) -> list[str]:
+    batch = bench.args.batch
+    student = median_ms(next(m for m in modes if m.kind == "student").times)
+    teacher = median_ms(next(m for m in modes if m.kind == "teacher").times)
+    floor = student + teacher
+    lines = ["| step | ms/step (median) | p25-p75 ms | images/s | x floor | x student alone |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for m in modes:
+        ms = median_ms(m.times)
+        lo, hi = quartiles_ms(m.times)
+        x_floor = f"{ms / floor:.3f}" if m.kind == "method" else ""
+        x_student = f"{ms / student:.3f}" if m.kind in ("student", "method", "nonteacher", "cache") else ""
+        lines.append(f"| {m.name} | {ms:.1f} | {lo:.1f}-{hi:.1f} | {batch / ms * 1000:.0f} | {x_floor} | {x_student} |")
+        if m.kind == "teacher":
+            lines.append(f"| **floor** = student step + teacher forward | {floor:.1f} | | {batch / floor * 1000:.0f} | 1.000 | |")
+    return lines
+
+
+# ----------------------------------------------------------------------------- profile
+
+
+class SectionTimer:
+    """Forward hooks that time each call of a module (synchronising on CUDA)."""
+
+    def __init__(self, module: torch.nn.Module, bench: Bench) -> None:
+        self.total, self._start, self.bench = 0.0, 0.0, bench
+        self.handles = [module.register_forward_pre_hook(self._pre), module.register_forward_hook(self._post)]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def _pre(self, *_):
+        self.bench.sync()
+        self._start = time.perf_counter()
+
+    def _post(self, *_):
+        self.bench.sync()
+        self.total += time.perf_counter() - self._start
+
+
+def profile_method(bench: Bench, name: str, steps: int) -> dict[str, float]:
+    """Median ms of teacher forward, student forward, loss and extras, backward, SGD step."""
+    cls = method_class(name)
+    d = bench.distiller(name)
+    opt = torch.optim.SGD(list(d.trainable_parameters()), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    teacher_t = SectionTimer(bench.teacher, bench) if cls.requires_teacher else None
+    student_t = SectionTimer(d.student, bench)
+    rows: dict[str, list[float]] = {k: [] for k in ("teacher forward", "student forward", "loss and extras",
+                                                    "backward", "optimizer step", "total")}
+    for i in range(steps + bench.args.warmup):
+        if teacher_t:
+            teacher_t.total = 0.0
+        student_t.total = 0.0
+        bench.sync()
+        t0 = time.perf_counter()
+        with bench.autocast():
+            out = d(bench.images, bench.targets, epoch=EPOCH)
+        loss = sum(out.losses.values())
+        bench.sync()
+        t1 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        bench.sync()
+        t2 = time.perf_counter()
+        opt.step()
+        bench.sync()
+        t3 = time.perf_counter()
+        if i < bench.args.warmup:
+            continue
+        tt = teacher_t.total if teacher_t else 0.0
+        rows["teacher forward"].append(tt)
+        rows["student forward"].append(student_t.total)
+        rows["loss and extras"].append(t1 - t0 - tt - student_t.total)
+        rows["backward"].append(t2 - t1)
+        rows["optimizer step"].append(t3 - t2)
+        rows["total"].append(t3 - t0)
+    for timer in (teacher_t, student_t):
+        if timer:
+            timer.remove()  # the teacher is shared with the next method's profile
+    return {k: median_ms(v) for k, v in rows.items()}
+
+
+def data_times(bench: Bench, batches: int = 8) -> dict[str, float]:
+    """ms per batch of the standard pipeline (one process) and of the batched GPU pipeline."""
+    from torch.utils.data import DataLoader
+
+    from kdlab.data.cifar import CIFARArrays
+    from kdlab.data.gpu_pipeline import GpuTrainLoader
+    from kdlab.data.transforms import CIFAR100_MEAN, CIFAR100_STD, train_transform
+    from kdlab.data.views import describe_transform
+    from kdlab.engine.build import train_loader
+    from kdlab.config.schema import DataConfig
+
+    n = bench.args.batch * batches
+    pixels = np.random.default_rng(0).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    targets = list(np.arange(n) % bench.args.classes)
+    tf = train_transform("cifar", "standard", CIFAR100_MEAN, CIFAR100_STD, 32)
+    ds = CIFARArrays(pixels, targets, [str(i) for i in range(bench.args.classes)], tf)
+    loader: DataLoader = train_loader(ds, DataConfig(name="cifar100", batch_size=bench.args.batch, num_workers=0), 0, "cpu")
+    loader.sampler.set_epoch(1)
+    t0 = time.perf_counter()
+    for _ in loader:
+        pass
+    standard = (time.perf_counter() - t0) / len(loader) * 1000.0
+    spec = describe_transform(tf, 32)
+    gpu = GpuTrainLoader(torch.from_numpy(pixels).to(bench.device), torch.tensor(targets).to(bench.device), spec,
+                         bench.args.batch, 0, channels_last=bench.args.channels_last)
+    gpu.sampler.set_epoch(1)
+    list(gpu)  # warm-up
+    bench.sync()
+    t0 = time.perf_counter()
+    for _ in gpu:
+        pass
+    bench.sync()
+    batched = (time.perf_counter() - t0) / len(gpu) * 1000.0
+    return {"standard pipeline (DataLoader, 1 process)": standard, f"data.pipeline=gpu (on {bench.device.type})": batched}
+
+
+def profile_tables(bench: Bench, steps: int) -> list[str]:
+    names = [n for n in ("kd", "dkd", "reviewkd") if n in list_methods()]
+    cols = ["teacher forward", "student forward", "loss and extras", "backward", "optimizer step", "total"]
+    lines = ["| method | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for name in names:
+        prof = profile_method(bench, name, steps)
+        total = prof["total"]
+        cells = [f"{prof[c]:.1f} ({100 * prof[c] / total:.0f}%)" if c != "total" else f"{total:.1f}" for c in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "| data, per batch of %d | ms |" % bench.args.batch, "|---|---:|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in data_times(bench).items()]
+    return lines
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def machine() -> str:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    bench = Bench(args)
+    modes = build_modes(bench)
+    print(f"timing {len(modes)} modes: {args.warmup} warm-up + {args.steps} steps each, "
+          f"{args.rounds} interleaved rounds", file=sys.stderr)
+    modes, skipped = warm_up(bench, modes)
+    run_interleaved(bench, modes)
+    load_after = os.getloadavg()
+    cmd = "python benchmarks/step_time.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    device = (torch.cuda.get_device_name(bench.device) if bench.device.type == "cuda"
+              else f"CPU ({machine()}), {torch.get_num_threads()} threads")
+    print(f"`{cmd}`\n")
+    print(f"{args.teacher} -> {args.student}, batch {args.batch}, {args.classes} classes, {args.size}x{args.size}, "
+          f"{device}, amp {args.amp}, channels_last {args.channels_last}, compile {args.compile}, torch "
+          f"{torch.__version__}; median of {len(modes[0].times)} steps per mode after {args.warmup} warm-up; "
+          f"1-min load average {load_before[0]:.2f} before, {load_after[0]:.2f} after\n")
+    print("\n".join(results_table(bench, modes)))
+    for line in skipped:
+        print(f"\nnot timed: {line}")
+    if args.profile:
+        print("\nWhere the time goes (median ms per step, share of the step):\n")
+        print("\n".join(profile_tables(bench, max(3, args.steps // 2))))
+    if args.json:
+        Path(args.json).write_text(json.dumps({m.name: m.times for m in modes}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""`kdlab reproduce`: the papers' result tables, listed and re-run."""
+from __future__ import annotations
+
+import argparse
+
+HELP = "list the papers' published numbers, or train chosen rows and compare measured vs published"
+DESCRIPTION = """\
+The papers' result tables as data (kdlab/reproduce/rows.yaml): one row per published number
+with its paper, table, teacher, student, method, config and metric.
+
+  kdlab reproduce --list [GLOB]          every row (or those matching GLOB)
+  kdlab reproduce ROW... [key=value]     train the rows and print measured vs published
+
+Rows are ids or globs ('dkd/cifar100/*'). Before any training, every chosen row is checked:
+its config (and teacher config) must exist and validate, its dataset must be readable
+(pass data.root=PATH), its teacher checkpoint or weights must exist or be trainable from
+the row's teacher config. A row that cannot run says why; the others still run. Teachers
+are trained first when their checkpoint is missing; finished runs are reused, interrupted
+ones resume. A top1_gain row (DKD Table 1) also runs its baseline row (the student alone).
+
+Overrides: method.* and teacher.* apply to the row's own config; every other key (data.root,
+train.epochs, output_dir, train.device, ...) to its teacher's config too.
+
+examples:
+  kdlab reproduce --list 'dkd/*'
+  kdlab reproduce dkd/cifar100/resnet32x4_resnet8x4 kd/cifar100/resnet32x4_resnet8x4 data.root=/data/cifar100
+  kdlab reproduce 'dkd/cifar100/*' data.root=/data/cifar100 --dry-run
+  kdlab reproduce dkd/cifar100/resnet32x4_resnet8x4 data.root=/data/cifar100 --seeds 3
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("reproduce", help=HELP, description=DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("args", nargs="*", metavar="ROW|key=value",
+                   help="row ids or globs, then dotted overrides (e.g. data.root=/data/cifar100)")
+    p.add_argument("--list", action="store_true", help="list the rows (filtered by the ROW globs, if any)")
+    p.add_argument("--dry-run", action="store_true", help="check and show the plan; train nothing")
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="train each row with N seeds (<name>_seed<k>) and compare the mean")
+    p.add_argument("--root", default=None, help="folder the rows' configs/ paths are relative to "
+                   "(default: the current folder if it has configs/, else the kdlab checkout)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the outcomes as JSON")
+    p.set_defaults(func=run)
+
+
+def _num(x) -> str:
+    import math
+
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:+.2f}" if isinstance(x, float) and x < 0 else f"{x:.2f}"
+
+
+def _signed(x) -> str:
+    import math
+
+    return "-" if x is None or math.isnan(x) else f"{x:+.2f}"
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    import sys
+
+    from kdlab.commands._common import print_table
+    from kdlab.errors import ConfigError
+    from kdlab.reproduce.runner import plan_rows, repo_root, reproduce
+    from kdlab.reproduce.table import load_rows, select_rows
+
+    patterns = [a for a in args.args if "=" not in a]
+    overrides = [a for a in args.args if "=" in a]
+    rows = load_rows()
+    if args.list:
+        chosen = select_rows(patterns, rows) if patterns else rows
+        root = repo_root(args.root)
+        table = []
+        for r in chosen:
+            cfg = r.config or "(none yet)"
+            if r.config and not (root / r.config).is_file():
+                cfg += " (missing)"
+            table.append([r.id, r.paper.split(" (")[0], r.table, r.metric, _num(r.published), cfg])
+        print_table(["row", "paper", "table", "metric", "published", "config"], table)
+        print(f"\n{len(chosen)} of {len(rows)} rows. Run some with: kdlab reproduce ROW... data.root=PATH")
+        return 0
+    if not patterns:
+        raise ConfigError("name the rows to reproduce (ids or globs; see 'kdlab reproduce --list'), "
+                          "e.g. kdlab reproduce dkd/cifar100/resnet32x4_resnet8x4 data.root=/data/cifar100")
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
+    plans = plan_rows(select_rows(patterns, rows), overrides, root=args.root, seeds=args.seeds, all_rows=rows)
+    problems = [p for p in plans if p.problem]
+    print_table(["row", "status", "teacher", "run folder"],
+                [[p.row.id + (" (baseline)" if p.is_dependency else ""), p.status, p.teacher_action,
+                  ", ".join(str(d) for d in p.run_dirs) or "-"] for p in plans], file=sys.stderr)
+    for p in problems:
+        print(f"{p.row.id}: cannot run: {p.problem}", file=sys.stderr)
+    if args.dry_run:
+        print(f"\ndry run: {len(plans) - len(problems)} row(s) ready, {len(problems)} cannot run", file=sys.stderr)
+        return 1 if problems else 0
+    outcomes = reproduce(plans)
+    print()
+    print_table(["row", "metric", "published", "last", "diff", "best", "diff", "seeds", "status"], [
+        [o.row.id + (" (baseline)" if o.is_dependency else ""), o.row.metric, _num(o.row.published), _num(o.last),
+         _signed(o.diffs()[0]), _num(o.best), _signed(o.diffs()[1]), o.n or "-", o.status] for o in outcomes
+    ])
+    for o in outcomes:
+        if o.problem:
+            print(f"{o.row.id}: {o.status}: {o.problem}", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([o.to_json() for o in outcomes], f, indent=2)
+    return 0 if all(o.status == "measured" for o in outcomes) else 1

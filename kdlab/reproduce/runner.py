@@ -1,0 +1,352 @@
+"""`kdlab reproduce ROW...`: train the rows' configs and compare with the published numbers.
+
+For the chosen rows (plus the baseline rows that `top1_gain` rows are measured against):
+
+1. *Plan, before any training*: load each row's config with the command-line overrides,
+   resolve its teacher (the row's `teacher_config` run's `best.pt`: reused when present,
+   trained first otherwise; or the config's own `teacher.weights`/`teacher.checkpoint`), and
+   build each dataset once (`build_datasets`). A missing config, dataset, teacher file, or a
+   run folder holding another config becomes that row's one-line problem; the other rows go on.
+2. *Run*: teachers first, then rows in table order. A run folder with `result.json` and the
+   same config is reused; an interrupted one resumes from `last.pt`.
+3. *Compare*: measured last-epoch and best-epoch values against the published number, with
+   the difference (measured - published), mean over seeds with `seeds > 1`.
+
+Overrides: `method.*` and `teacher.*` keys apply to the row's config only; every other key
+(data.root, train.epochs, output_dir, train.device, ...) to the teacher's config as well.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import yaml
+
+from kdlab.errors import KDLabError
+from kdlab.reproduce.table import Row, load_rows
+
+log = logging.getLogger("kdlab")
+
+# Settings that may differ between a finished run and the current request without making it
+# another experiment (where the data lives, how fast, how it is logged).
+_VOLATILE = {
+    "data": {"root", "num_workers", "pin_memory", "persistent_workers", "eval_batch_size", "pipeline"},
+    "train": {"device", "progress", "tensorboard", "save_every", "eval_every", "compile", "channels_last",
+              "deterministic", "nonfinite", "max_skipped", "amp"},
+    "teacher": {"checkpoint", "cache"},
+}
+
+
+def repo_root(explicit: str | Path | None = None) -> Path:
+    """Where the rows' `configs/...` paths are resolved: `explicit`, else the current folder
+    when it has `configs/`, else the source checkout that holds this package."""
+    if explicit is not None:
+        return Path(explicit)
+    if Path("configs").is_dir():
+        return Path(".")
+    return Path(__file__).resolve().parents[2]
+
+
+def split_overrides(overrides: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(overrides for every config, overrides for the row's own config only)."""
+    shared, own = [], []
+    for text in overrides:
+        head = text.split("=", 1)[0].strip().split(".", 1)[0]
+        (own if head in ("method", "teacher") else shared).append(text)
+    return shared, own
+
+
+def is_chain_file(path: Path) -> bool:
+    """A generations chain config (`kdlab generations`) has a top-level `experiment:` block."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and "experiment" in data
+
+
+def _identity(cfg: dict) -> dict:
+    out = {}
+    for section in ("model", "teacher", "method", "data", "optim", "schedule", "train"):
+        value = cfg.get(section)
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k not in _VOLATILE.get(section, set())}
+        out[section] = value
+    return out
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} -> {b!r}"]
+
+
+def folder_conflict(run_dir: Path, cfg: Any) -> str | None:
+    """A problem message when `run_dir` already holds a run of another config, else None."""
+    from kdlab.config.loader import config_to_dict
+
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return None
+    try:
+        old = yaml.safe_load(saved.read_text()) or {}
+    except yaml.YAMLError:
+        return None
+    diffs = _diff(_identity(old), _identity(config_to_dict(cfg)))
+    if not diffs:
+        return None
+    return (f"{run_dir} already holds a run of another config ({'; '.join(diffs[:3])}); "
+            "set output_dir=<another folder> or delete that run folder")
+
+
+def finished(run_dir: Path) -> bool:
+    return (run_dir / "result.json").is_file()
+
+
+@dataclass
+class Plan:
+    """What `reproduce` will do for one row, decided before any training."""
+
+    row: Row
+    problem: str | None = None
+    configs: list[Any] = field(default_factory=list)  # one per seed (train rows)
+    chain: Any = None  # a generations Chain (chain rows)
+    teacher_cfg: Any = None
+    teacher_action: str = "-"  # -, reuse, train, file
+    is_dependency: bool = False
+
+    @property
+    def run_dirs(self) -> list[Path]:
+        if self.chain is not None:
+            return [self.chain.root]
+        return [Path(c.output_dir) / c.name for c in self.configs]
+
+    @property
+    def status(self) -> str:
+        if self.problem:
+            return "cannot run"
+        dirs = self.run_dirs
+        if dirs and all(finished(d) for d in dirs) and self.chain is None:
+            return "done (reused)"
+        return "to train" + (" (teacher first)" if self.teacher_action == "train" else "")
+
+
+def _dataset_problem(data_cfg: Any, seed: int, cache: dict[str, str | None]) -> str | None:
+    from kdlab.data import build_datasets
+    from kdlab.errors import DataError
+
+    key = json.dumps([data_cfg.name, data_cfg.root, data_cfg.train_split, data_cfg.val_split, data_cfg.transform])
+    if key not in cache:
+        try:
+            build_datasets(data_cfg.model_copy(update={"train_subset": None, "label_noise": 0.0}), seed=seed)
+            cache[key] = None
+        except DataError as exc:
+            cache[key] = f"dataset {data_cfg.name!r} is not available: {exc}"
+    return cache[key]
+
+
+def plan_row(row: Row, overrides: Sequence[str], root: Path, seeds: int, data_cache: dict) -> Plan:
+    """Load and check everything a row needs; never trains. Problems become `Plan.problem`."""
+    from kdlab.config import load_config
+    from kdlab.experiments.seeds import seed_configs
+
+    plan = Plan(row)
+    if not row.config:
+        plan.problem = "kdlab has no config for this row (yet)"
+        return plan
+    path = root / row.config
+    if not path.is_file():
+        plan.problem = f"config {row.config} does not exist (yet)"
+        return plan
+    shared, own = split_overrides(overrides)
+    try:
+        if is_chain_file(path):
+            from kdlab.engine.generations import load_chain
+
+            plan.chain = load_chain(path, list(shared) + list(own))
+            data_cfg, seed = plan.chain.configs[0].data, plan.chain.configs[0].train.seed
+            plan.problem = _dataset_problem(data_cfg, seed, data_cache)
+            return plan
+        teacher_override: list[str] = []
+        if row.teacher_config and not any(o.startswith("teacher.checkpoint=") for o in own):
+            tpath = root / row.teacher_config
+            if not tpath.is_file():
+                plan.problem = f"teacher config {row.teacher_config} does not exist (yet)"
+                return plan
+            plan.teacher_cfg = load_config(tpath, shared)
+            t_dir = Path(plan.teacher_cfg.output_dir) / plan.teacher_cfg.name
+            teacher_override = [f"teacher.checkpoint={t_dir / 'best.pt'}", "teacher.weights=null"]
+            plan.teacher_action = "reuse" if (t_dir / "best.pt").is_file() and finished(t_dir) else "train"
+            conflict = folder_conflict(t_dir, plan.teacher_cfg)
+            if conflict:
+                plan.problem = "teacher: " + conflict
+                return plan
+        cfg = load_config(path, list(shared) + list(own) + teacher_override)
+        plan.configs = seed_configs(cfg, seeds) if seeds > 1 else [cfg]
+        problems: list[str | None] = [_dataset_problem(cfg.data, cfg.train.seed, data_cache)]
+        if plan.teacher_cfg is not None:
+            problems.append(_dataset_problem(plan.teacher_cfg.data, plan.teacher_cfg.train.seed, data_cache))
+        if cfg.teacher is not None and plan.teacher_cfg is None:
+            plan.teacher_action = "file"
+            for label, value in (("teacher.checkpoint", cfg.teacher.checkpoint), ("teacher.weights", cfg.teacher.weights)):
+                if value and not Path(value).is_file():
+                    problems.append(f"{label} {value!r} does not exist; put the file there or pass {label}=PATH")
+        problems += [folder_conflict(Path(c.output_dir) / c.name, c) for c in plan.configs]
+        unique = [p for i, p in enumerate(problems) if p and p not in problems[:i]]
+        plan.problem = "; ".join(unique) or None
+    except KDLabError as exc:
+        plan.problem = f"{type(exc).__name__}: {exc}"
+    return plan
+
+
+def plan_rows(rows: Sequence[Row], overrides: Sequence[str] = (), *, root: str | Path | None = None,
+              seeds: int = 1, all_rows: Sequence[Row] | None = None) -> list[Plan]:
+    """Plans for `rows` and, first, for the baseline rows they are measured against."""
+    table = {r.id: r for r in (all_rows or load_rows())}
+    wanted = [r.id for r in rows]
+    ordered: list[tuple[Row, bool]] = []
+    for r in rows:
+        if r.baseline and r.baseline not in wanted and all(o[0].id != r.baseline for o in ordered):
+            ordered.append((table[r.baseline], True))
+    ordered += [(r, False) for r in rows]
+    cache: dict[str, str | None] = {}
+    base = repo_root(root)
+    plans = []
+    for row, dep in ordered:
+        p = plan_row(row, overrides, base, seeds, cache)
+        p.is_dependency = dep
+        plans.append(p)
+    return plans
+
+
+# ------------------------------------------------------------------------------------ running
+@dataclass
+class Measured:
+    """Mean over seeds (or the best generation of a chain) of the run results."""
+
+    last_top1: float
+    best_top1: float
+    last_top5: float
+    best_top5: float
+    n: int
+    std_last_top1: float = 0.0
+    run_dirs: list[str] = field(default_factory=list)
+
+
+def _read_result(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "result.json").read_text())
+
+
+def _train(cfg: Any) -> Path:
+    from kdlab.engine.trainer import Trainer
+
+    run_dir = Path(cfg.output_dir) / cfg.name
+    if finished(run_dir):
+        log.info("%s: finished earlier, reused", run_dir)
+        return run_dir
+    Trainer(cfg, resume=True).fit()
+    return run_dir
+
+
+def run_plan(plan: Plan) -> Measured:
+    """Train what the plan needs (teacher first) and return the measurement."""
+    from kdlab.experiments.results import mean_std
+
+    if plan.problem:
+        raise KDLabError(f"{plan.row.id}: {plan.problem}")
+    if plan.chain is not None:
+        from kdlab.engine.generations import finished_generations, run_chain
+
+        run_chain(plan.chain)
+        results = [_read_result(plan.chain.run_dir(m)) for m in finished_generations(plan.chain)]
+        if not results:
+            raise KDLabError(f"{plan.row.id}: the chain has no finished generation")
+        best = max(results, key=lambda r: r["last_top1"])
+        return Measured(best["last_top1"], best["best_top1"], best["last_top5"], best["best_top5"], 1,
+                        run_dirs=[str(plan.chain.root)])
+    if plan.teacher_cfg is not None and plan.teacher_action == "train":
+        log.info("== %s: training its teacher %s first", plan.row.id, plan.teacher_cfg.name)
+        _train(plan.teacher_cfg)
+        plan.teacher_action = "reuse"
+    dirs = [_train(c) for c in plan.configs]
+    res = [_read_result(d) for d in dirs]
+    vals = {k: mean_std([r[k] for r in res]) for k in ("last_top1", "best_top1", "last_top5", "best_top5")}
+    return Measured(vals["last_top1"][0], vals["best_top1"][0], vals["last_top5"][0], vals["best_top5"][0],
+                    len(res), vals["last_top1"][1], [str(d) for d in dirs])
+
+
+def metric_values(row: Row, m: Measured, baseline: Measured | None = None) -> tuple[float, float]:
+    """(last-epoch, best-epoch) value of the row's metric from a measurement."""
+    metric = row.metric.removesuffix("_best_generation")
+    if metric == "top1":
+        return m.last_top1, m.best_top1
+    if metric == "top1_error":
+        return 100.0 - m.last_top1, 100.0 - m.best_top1
+    if metric == "top5_error":
+        return 100.0 - m.last_top5, 100.0 - m.best_top5
+    if metric == "top1_gain":
+        if baseline is None:
+            return math.nan, math.nan
+        return m.last_top1 - baseline.last_top1, m.best_top1 - baseline.best_top1
+    raise KDLabError(f"unknown metric {row.metric!r}")
+
+
+@dataclass
+class Outcome:
+    row: Row
+    status: str
+    last: float = math.nan
+    best: float = math.nan
+    n: int = 0
+    run_dirs: list[str] = field(default_factory=list)
+    problem: str | None = None
+    is_dependency: bool = False
+
+    def diffs(self) -> tuple[float, float]:
+        pub = self.row.published
+        if pub is None:
+            return math.nan, math.nan
+        return self.last - pub, self.best - pub
+
+    def to_json(self) -> dict[str, Any]:
+        d_last, d_best = self.diffs()
+        return {"id": self.row.id, "metric": self.row.metric, "published": self.row.published, "status": self.status,
+                "measured_last": self.last, "measured_best": self.best, "diff_last": d_last, "diff_best": d_best,
+                "seeds": self.n, "run_dirs": self.run_dirs, "problem": self.problem, "config": self.row.config,
+                "baseline_row": self.is_dependency}
+
+
+def reproduce(plans: Sequence[Plan]) -> list[Outcome]:
+    """Run every plan without a problem, in order; a failing row does not stop the others."""
+    measured: dict[str, Measured] = {}
+    out = []
+    for p in plans:
+        if p.problem:
+            out.append(Outcome(p.row, "cannot run", problem=p.problem, is_dependency=p.is_dependency))
+            continue
+        try:
+            log.info("== reproduce %s (%s)", p.row.id, p.row.config)
+            m = run_plan(p)
+        except KDLabError as exc:
+            out.append(Outcome(p.row, "failed", problem=str(exc), is_dependency=p.is_dependency))
+            continue
+        measured[p.row.id] = m
+        base = measured.get(p.row.baseline) if p.row.baseline else None
+        if p.row.baseline and base is None:
+            out.append(Outcome(p.row, "no baseline", n=m.n, run_dirs=m.run_dirs, is_dependency=p.is_dependency,
+                               problem=f"its baseline row {p.row.baseline} could not be measured"))
+            continue
+        last, best = metric_values(p.row, m, base)
+        out.append(Outcome(p.row, "measured", last, best, m.n, m.run_dirs, is_dependency=p.is_dependency))
+    return out
+
+
+__all__ = ["Measured", "Outcome", "Plan", "folder_conflict", "metric_values", "plan_row", "plan_rows",
+           "repo_root", "reproduce", "run_plan", "split_overrides"]

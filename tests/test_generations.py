@@ -1,0 +1,257 @@
+"""Training in generations: the chain config (D(eta, lam) notation, validation, overrides,
+base files), the chain runner (hand-over of checkpoints, skip/resume, refusal of stale
+folders), the report (per-generation rows, ensembles, secondary metrics) and the CLI."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kdlab.cli import main
+from kdlab.engine import trainer as trainer_module
+from kdlab.engine.generations import (
+    format_notation,
+    load_chain,
+    parse_notation,
+    run_chain,
+)
+from kdlab.errors import CheckpointError, ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAIN_CONFIGS = sorted((ROOT / "configs").glob("*/generations/*.yaml"))
+
+
+def chain_data(tmp_path, make_config, **chain) -> dict:
+    exp = make_config(name="chain")
+    exp["output_dir"] = str(tmp_path / "runs")
+    settings = {"notation": "D(0.6, 0.6)", "generations": 2, "seed_offset": 0}
+    settings.update(chain)
+    return {"experiment": exp, "chain": settings}
+
+
+# ----------------------------------------------------------------------------- config
+def test_notation_round_trip_and_errors():
+    assert parse_notation("D(0.6, 0.6)") == (0.6, 0.6)
+    assert parse_notation(" D( 1.0 ,0.5 ) ") == (1.0, 0.5)
+    assert format_notation(0.7, 0.6) == "D(0.7, 0.6)"
+    assert format_notation(1.0, [0.5, 0.6]) == "D(1.0, 0.5/0.6)"
+    with pytest.raises(ValueError, match="D\\(eta, lambda\\)"):
+        parse_notation("(0.6, 0.6)")
+
+
+def test_notation_sets_eta_lambda_and_patriarch(tmp_path, make_config):
+    chain = load_chain(data=chain_data(tmp_path, make_config))
+    s = chain.settings
+    assert (s.eta, s.lam, s.patriarch) == (0.6, 0.6, "tsd")
+    gen0, gen1, gen2 = chain.configs
+    assert gen0.method.name == "tolerant" and gen0.method.kind == "tsd" and gen0.method.eta == 0.6
+    assert gen0.teacher is None
+    assert gen1.method.name == "generation" and gen1.method.lam == 0.6 and gen1.method.tau == 1.0
+    assert Path(gen1.teacher.checkpoint) == tmp_path / "runs/chain/gen0/last.pt"
+    assert Path(gen2.teacher.checkpoint) == tmp_path / "runs/chain/gen1/last.pt"
+    assert gen2.teacher.name == gen2.model.name == "resnet8"
+    strict = load_chain(data=chain_data(tmp_path, make_config, notation="D(1.0, 0.5)"))
+    assert strict.settings.patriarch == "strict" and strict.configs[0].method.kind == "strict"
+    assert strict.settings.label == "D(1.0, 0.5)"
+
+
+def test_defaults_best_checkpoint_and_per_generation_lambda(tmp_path, make_config):
+    data = chain_data(tmp_path, make_config, notation=None, checkpoint="best", lam=[0.5, 0.7], seed_offset=3)
+    chain = load_chain(data=data)
+    assert chain.settings.eta == 0.6 and chain.settings.patriarch == "tsd"
+    assert [c.method.lam for c in chain.configs[1:]] == [0.5, 0.7]
+    assert chain.configs[1].teacher.checkpoint.endswith("gen0/best.pt")
+    assert [c.train.seed for c in chain.configs] == [0, 3, 6]
+    assert chain.settings.label == "D(0.6, 0.5/0.7)"
+
+
+@pytest.mark.parametrize("chain,match", [
+    ({"notation": "D(0.6, 0.6)", "eta": 0.7}, "says eta=0.6 but chain.eta=0.7"),
+    ({"notation": "D(0.6, 0.6)", "lam": 0.5}, "says lam=0.6"),
+    ({"notation": "D(0.6)"}, "must look like 'D\\(eta, lambda\\)'"),
+    ({"notation": None, "eta": 0.5}, "eta=0.5 is outside"),
+    ({"notation": None, "patriarch": "strict", "eta": 0.6}, "only applies to patriarch 'tsd'"),
+    ({"notation": None, "patriarch": "label_smoothing", "eta": 0.8}, "only applies to patriarch 'tsd'"),
+    ({"lam": [0.6]}, "lists 1 values for 2 generations"),
+    ({"notation": "D(1.0, 0.0)", "seed_offset": 0}, "identical copy"),
+    ({"lamda": 0.6}, "unknown key 'chain.lamda'; did you mean 'chain.lam'"),
+    ({"checkpoint": "final"}, "chain.checkpoint"),
+])
+def test_bad_chain_settings_are_one_clear_error(tmp_path, make_config, chain, match):
+    with pytest.raises(ConfigError, match=match):
+        load_chain(data=chain_data(tmp_path, make_config, **chain))
+
+
+def test_experiment_block_errors(tmp_path, make_config):
+    data = chain_data(tmp_path, make_config)
+    data["experiment"]["method"] = {"name": "kd"}
+    with pytest.raises(ConfigError, match="experiment.method is set"):
+        load_chain(data=data)
+    data = chain_data(tmp_path, make_config)
+    data["experiment"]["optim"]["lrr"] = 0.1
+    with pytest.raises(ConfigError, match=r"experiment block.*did you mean 'optim.lr'"):
+        load_chain(data=data)
+    with pytest.raises(ConfigError, match="missing required key 'experiment'"):
+        load_chain(data={"chain": {"generations": 1}})
+
+
+def test_overrides_route_experiment_keys(tmp_path, make_config):
+    chain = load_chain(data=chain_data(tmp_path, make_config),
+                       overrides=["train.epochs=3", "chain.generations=1", "experiment.optim.lr=0.2"])
+    assert len(chain.configs) == 2
+    assert all(c.train.epochs == 3 and c.optim.lr == 0.2 for c in chain.configs)
+
+
+def test_base_files_for_chain_and_experiment(tmp_path, make_config):
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"optim": {"lr": 0.3}, "train": {"epochs": 4}}))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub/common.yaml").write_text(yaml.safe_dump({"chain": {"generations": 1, "tau": 2.0}}))
+    exp = make_config(name="c")
+    del exp["optim"]
+    exp["train"].pop("epochs")
+    exp["base"] = ["recipe.yaml"]
+    (tmp_path / "chain.yaml").write_text(yaml.safe_dump(
+        {"base": ["sub/common.yaml"], "experiment": exp, "chain": {"notation": "D(0.7, 0.6)"}}))
+    chain = load_chain(tmp_path / "chain.yaml")
+    assert chain.configs[0].optim.lr == 0.3 and chain.configs[0].train.epochs == 4
+    assert chain.settings.tau == 2.0 and len(chain.configs) == 2 and chain.settings.eta == 0.7
+
+
+@pytest.mark.parametrize("path", CHAIN_CONFIGS, ids=lambda p: f"{p.parent.parent.name}/{p.name}")
+def test_shipped_chain_configs_validate(path):
+    from kdlab.models import list_models
+    from kdlab.models.registry import _PREFIXES
+
+    chain = load_chain(path)
+    s = chain.settings
+    assert s.notation is not None and parse_notation(s.notation) == (s.eta, s.lam)
+    name = chain.configs[0].model.name
+    if ":" in name:
+        assert name == "tv:resnet18" and chain.configs[0].data.name == "imagefolder"
+        if "tv" in _PREFIXES:  # torchvision support registered: the model must build
+            from kdlab.models import create_model
+
+            assert sum(p.numel() for p in create_model(name, num_classes=1000).parameters()) > 11e6
+    else:
+        assert name in list_models()
+
+
+def test_paper_settings_are_all_shipped():
+    names = {p.name for p in CHAIN_CONFIGS}
+    for arch in ("resnet56", "densenet100_bc", "densenet190_bc"):
+        for d in ("d10_00", "d10_05", "d10_06", "d06_06", "d07_06"):
+            assert f"{arch}_{d}.yaml" in names
+    assert "resnet18_d06_06.yaml" in names
+
+
+# ----------------------------------------------------------------------------- running
+def _result(run_dir: Path) -> dict:
+    return json.loads((run_dir / "result.json").read_text())
+
+
+@pytest.mark.slow
+def test_chain_end_to_end_report(tmp_path, make_config):
+    data = chain_data(tmp_path, make_config, groups={"small": [0, 1, 2, 3, 4], "large": [5, 6, 7, 8, 9]})
+    chain = load_chain(data=data)
+    report = run_chain(chain)
+    root = tmp_path / "runs/chain"
+    for m in range(3):
+        assert (root / f"gen{m}/result.json").is_file()
+    saved = yaml.safe_load((root / "gen1/config.yaml").read_text())
+    assert saved["teacher"]["checkpoint"] == str(root / "gen0/last.pt")
+    assert saved["method"] == {"name": "generation", "lam": 0.6, "tau": 1.0}
+    log = [json.loads(line) for line in (root / "gen1/metrics.jsonl").read_text().splitlines()]
+    assert "train/kd" in log[-1] and "stat/teacher_conf" in log[-1]
+    on_disk = json.loads((root / "generations.json").read_text())
+    assert on_disk["label"] == report["label"] == "D(0.6, 0.6)"
+    rows = on_disk["generations"]
+    assert [r["gen"] for r in rows] == [0, 1, 2]
+    for m, row in enumerate(rows):
+        res = _result(root / f"gen{m}")
+        assert row["top1_last"] == res["last_top1"] and row["best_epoch"] == res["best_epoch"]
+        # the evaluated checkpoint is last.pt, whose accuracy is the last epoch's
+        assert row["checkpoint_top1"] == pytest.approx(res["last_top1"], abs=1e-6)
+        assert 0.0 <= row["in_group_mass"] <= 1.0 and 0.0 <= row["top_secondary_in_group"] <= 1.0
+        assert row["in_group_chance"] == pytest.approx(4 / 9)
+    assert rows[0]["teacher_conf_train"] is None and rows[1]["teacher_conf_train"] is not None
+    ens = on_disk["ensembles"]
+    assert [e["members"] for e in ens] == [1, 2, 3]
+    assert ens[0]["top1"] == pytest.approx(rows[0]["checkpoint_top1"])
+    md = (root / "generations.md").read_text()
+    assert "D(0.6, 0.6)" in md and "gen0..gen2" in md and "Dist^C" in md
+    assert yaml.safe_load((root / "chain.yaml").read_text())["chain"]["eta"] == 0.6
+
+
+@pytest.mark.slow
+def test_interrupted_chain_resumes_where_it_stopped(tmp_path, make_config, monkeypatch):
+    data = chain_data(tmp_path, make_config, generations=2)
+    data["experiment"]["train"]["epochs"] = 2
+    chain = load_chain(data=data)
+    root = tmp_path / "runs/chain"
+    original_save = trainer_module.Trainer._save
+
+    def interrupting_save(self, epoch, improved):
+        original_save(self, epoch, improved)
+        if self.run_dir.name == "gen1" and epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_module.Trainer, "_save", interrupting_save)
+    with pytest.raises(KeyboardInterrupt):
+        run_chain(chain)
+    monkeypatch.setattr(trainer_module.Trainer, "_save", original_save)
+    assert (root / "gen0/result.json").is_file() and not (root / "gen1/result.json").exists()
+    gen0_mtime = (root / "gen0/last.pt").stat().st_mtime_ns
+    first_epoch = (root / "gen1/metrics.jsonl").read_text().splitlines()[0]
+
+    report = run_chain(load_chain(data=data))
+    assert (root / "gen0/last.pt").stat().st_mtime_ns == gen0_mtime  # not retrained
+    lines = (root / "gen1/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2] and lines[0] == first_epoch
+    assert report["finished"] == 3
+
+    # A finished chain is not retrained; a changed one is refused with the difference named.
+    mtimes = [(root / f"gen{m}/last.pt").stat().st_mtime_ns for m in range(3)]
+    run_chain(load_chain(data=data), report=False)
+    assert [(root / f"gen{m}/last.pt").stat().st_mtime_ns for m in range(3)] == mtimes
+    changed = chain_data(tmp_path, make_config, notation="D(0.7, 0.6)")
+    changed["experiment"]["train"]["epochs"] = 2
+    with pytest.raises(ConfigError, match=r"gen0 holds generation 0 trained with another config \(method.eta: 0.6 -> 0.7"):
+        run_chain(load_chain(data=changed))
+    # A teacher rewritten after its student finished breaks the chain: refused.
+    later = (root / "gen1/result.json").stat().st_mtime + 5
+    os.utime(root / "gen0/last.pt", (later, later))
+    with pytest.raises(CheckpointError, match="rewritten after generation 1 finished"):
+        run_chain(load_chain(data=data))
+
+
+def test_report_uses_cifar100_coarse_classes(tmp_path, make_config):
+    try:
+        from tests.fakedata import write_cifar100
+    except ImportError:  # tests/ itself on sys.path
+        from fakedata import write_cifar100  # type: ignore[no-redef]
+
+    write_cifar100(tmp_path / "c100", n_train=100, n_test=100)
+    data = chain_data(tmp_path, make_config, generations=0)
+    data["experiment"]["data"] = {"name": "cifar100", "root": str(tmp_path / "c100"), "batch_size": 50,
+                                  "num_workers": 0}
+    report = run_chain(load_chain(data=data))
+    assert report["groups"].startswith("CIFAR-100 coarse")
+    assert report["generations"][0]["in_group_chance"] == pytest.approx(4 / 99)
+    assert len(report["ensembles"]) == 1
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_cli_dry_run_report_and_errors(tmp_path, make_config, capsys):
+    path = tmp_path / "chain.yaml"
+    path.write_text(yaml.safe_dump(chain_data(tmp_path, make_config)))
+    assert main(["generations", str(path), "--dry-run", "chain.generations=1"]) == 0
+    out = capsys.readouterr().out
+    assert "D(0.6, 0.6)" in out and "patriarch, TSD eta 0.6 k 5" in out and "gen0/last.pt" in out
+    assert main(["generations", str(path), "chain.notation=D(0.4, 0.6)"]) == 2
+    assert "eta=0.4 is outside (0.5, 1]" in capsys.readouterr().err
+    assert main(["generations", str(path), "--report"]) == 2
+    assert "no finished generation" in capsys.readouterr().err
+    assert not (tmp_path / "runs/chain/gen0").exists()

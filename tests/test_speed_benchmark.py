@@ -1,0 +1,81 @@
+"""benchmarks/step_time.py runs end to end and its ratios are computed from its own timings.
+
+Speed itself is never asserted here (the suite shares 2 cores); only that the table is
+complete and consistent.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdlab.engine.teacher_cache import TeacherCache, TeacherFeed
+from kdlab.data.views import ViewSpec
+
+try:
+    from tests.speedkit import tiny_model_registered
+except ImportError:  # tests/ itself on sys.path
+    from speedkit import tiny_model_registered  # type: ignore[no-redef]
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
+
+
+@pytest.fixture(scope="module")
+def step_time():
+    spec = importlib.util.spec_from_file_location("kdlab_step_time", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def test_step_time_table_has_every_mode_and_consistent_ratios(step_time, tmp_path, capsys):
+    threads = torch.get_num_threads()
+    raw = tmp_path / "times.json"
+    with tiny_model_registered() as tiny:
+        step_time.main(["--teacher", tiny, "--student", tiny, "--batch", "8", "--classes", "10",
+                        "--steps", "2", "--warmup", "1", "--rounds", "2", "--threads", str(threads),
+                        "--methods", "kd,dkd,tolerant", "--json", str(raw), "--profile"])
+    out = capsys.readouterr().out
+    times = json.loads(raw.read_text())
+    names = list(times)
+    assert names[:2] == [f"student alone ({tiny})", f"teacher forward ({tiny}, no grad)"]
+    assert {"kd", "dkd", "tolerant (no teacher)", "kd from teacher cache", "dkd from teacher cache"} <= set(names)
+    assert all(len(t) == 2 for t in times.values())  # 2 rounds x 1 step
+    rows = {line.split("|")[1].strip(): line.split("|") for line in out.splitlines() if line.startswith("| ")}
+    floor = statistics.median(times[names[0]]) + statistics.median(times[names[1]])
+    kd = statistics.median(times["kd"])
+    assert float(rows["kd"][5]) == pytest.approx(kd / floor, abs=1e-3)
+    student = statistics.median(times[names[0]])
+    cache = statistics.median(times["kd from teacher cache"])
+    assert float(rows["kd from teacher cache"][6]) == pytest.approx(cache / student, abs=1e-3)
+    assert rows["kd from teacher cache"][5].strip() == ""  # no teacher: no ratio to the floor
+    assert "teacher forward" in out and "data.pipeline=gpu" in out  # the profile tables
+
+
+def test_device_table_lookup_equals_the_memory_mapped_lookup(tmp_path):
+    # The GPU path (whole table in device memory, `to_device`) exercised on CPU.
+    from kdlab.engine.teacher_cache import FORMAT, LOGITS_FILE, META_FILE, VERSION
+    import numpy as np
+
+    n, v, c = 20, 162, 7
+    (tmp_path / META_FILE).write_text(json.dumps({"format": FORMAT, "version": VERSION, "shape": [n, v, c]}))
+    mm = np.memmap(tmp_path / LOGITS_FILE, dtype=np.float16, mode="w+", shape=(n, v, c))
+    mm[:] = np.random.default_rng(0).normal(size=(n, v, c))
+    mm.flush()
+    spec = ViewSpec(32, 4, True, (0.5,) * 3, (0.25,) * 3)
+    index_map = np.array([3, 19, 0, 7])  # a subset's base indices
+    batch = (None, None, torch.tensor([1, 3, 0]), torch.tensor([5, 161, 0]))
+    mapped = TeacherFeed(TeacherCache(tmp_path), spec, 0, index_map, torch.device("cpu")).logits(batch, 1)
+    on_device = TeacherFeed(TeacherCache(tmp_path).to_device(torch.device("cpu")), spec, 0, index_map,
+                            torch.device("cpu")).logits(batch, 1)
+    assert torch.equal(mapped, on_device)
+    assert torch.equal(mapped[1], torch.from_numpy(mm[7, 161].astype(np.float32)))
