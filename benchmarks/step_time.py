@@ -370,8 +370,8 @@ def data_times(bench: Bench, batches: int = 8) -> dict[str, float]:
     return {"standard pipeline (DataLoader, 1 process)": standard, f"data.pipeline=gpu (on {bench.device.type})": batched}
 
 
-def profile_tables(bench: Bench, steps: int) -> list[str]:
-    names = [n for n in ("kd", "dkd", "reviewkd") if n in list_methods()]
+def profile_tables(bench: Bench, steps: int, timed: list[str]) -> list[str]:
+    names = [n for n in ("kd", "dkd", "reviewkd") if n in timed]
     cols = ["teacher forward", "student forward", "loss and extras", "backward", "optimizer step", "total"]
     lines = ["| method | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     for name in names:
@@ -399,12 +399,7 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.device == "cpu":
-        torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()
-    bench = Bench(args)
+def report(args: argparse.Namespace, argv: list[str] | None, bench: Bench, load_before: tuple) -> None:
     modes = build_modes(bench)
     print(f"timing {len(modes)} modes: {args.warmup} warm-up + {args.steps} steps each, "
           f"{args.rounds} interleaved rounds", file=sys.stderr)
@@ -424,9 +419,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nnot timed: {line}")
     if args.profile:
         print("\nWhere the time goes (median ms per step, share of the step):\n")
-        print("\n".join(profile_tables(bench, max(3, args.steps // 2))))
+        print("\n".join(profile_tables(bench, max(3, args.steps // 2), [m.name for m in modes])))
     if args.json:
         Path(args.json).write_text(json.dumps({m.name: m.times for m in modes}, indent=1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    bench = Bench(args)
+    try:
+        report(args, argv, bench, load_before)
+    finally:
+        bench._tmp.cleanup()
     return 0
 
 

@@ -28,6 +28,7 @@ examples:
         teacher.checkpoint=runs/resnet32x4/best.pt train.epochs=240
   kdlab train CONFIG --resume                        # continue an interrupted run
   kdlab eval runs/dkd_resnet32x4_resnet8x4/best.pt
+  kdlab cache-teacher CONFIG teacher.cache=PATH      # teacher logits of every crop/flip view, once
 
 'kdlab COMMAND --help' explains each command.
 """

@@ -93,8 +93,16 @@ def test_list_datasets():
 
 
 def test_unknown_dataset_suggests_closest():
+    from kdlab.config import load_config
+    from kdlab.config.schema import DataConfig
+    from kdlab.errors import ConfigError
+
+    # The config layer refuses the name when the config is loaded ...
+    with pytest.raises(ConfigError, match=r"data\.name: unknown dataset 'cifar1O'\. Did you mean 'cifar10'"):
+        load_config(data={"model": {"name": "resnet8"}, "data": {"name": "cifar1O"}})
+    # ... and build_datasets refuses it too for configs built without validation.
     with pytest.raises(DataError) as err:
-        build_datasets(cfg(name="cifar1O"))
+        build_datasets(DataConfig.model_construct(**{**DataConfig().model_dump(), "name": "cifar1O"}))
     msg = str(err.value)
     assert "'cifar10'" in msg and "digits" in msg and "imagefolder" in msg and "data.name" in msg
     assert isinstance(err.value, KDLabError)

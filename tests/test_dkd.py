@@ -19,7 +19,9 @@ from kdlab.errors import ConfigError
 from kdlab.losses import dkd_loss, dkd_terms, kd_loss, nckd_loss, tckd_loss
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = settings(max_examples=40, deadline=None)
+FAST = settings(max_examples=30, deadline=None)
+# Class counts of 2 are drawn on purpose; their one-time NCKD warning is tested on its own.
+pytestmark = pytest.mark.filterwarnings("ignore:DKD with 2 classes:RuntimeWarning")
 
 
 def random_case(seed: int, n: int, c: int, scale: float, dtype=torch.float64):
@@ -63,8 +65,10 @@ def test_kd_equals_tckd_plus_weighted_nckd(seed, n, c, temperature, scale):
     log_ps, log_pt = (s / temperature).log_softmax(1), (t / temperature).log_softmax(1)
     kd64 = (log_pt.exp() * (log_pt - log_ps)).sum(1) * temperature**2
     torch.testing.assert_close(recomposed, kd64, rtol=1e-9, atol=1e-10)
-    # ...and to float32 tolerance against the library's kd_loss (which computes in float32).
-    torch.testing.assert_close(recomposed.float(), kd_loss(s, t, temperature, reduction="none"), rtol=1e-4, atol=1e-5)
+    # ...and to float32 tolerance against the library's kd_loss (which computes in float32:
+    # its rounding error is ~eps * |log p| per class, times T^2).
+    torch.testing.assert_close(recomposed.float(), kd_loss(s, t, temperature, reduction="none"),
+                               rtol=1e-4, atol=1e-6 * c * temperature**2)
     torch.testing.assert_close(terms.teacher_target_prob + terms.teacher_non_target_prob,
                                torch.ones(n, dtype=torch.float64))
 
@@ -408,9 +412,14 @@ def test_table1_ablation_configs():
         assert (cfg.method.ce_weight, cfg.method.alpha, cfg.method.beta) == (1.0, 1.0, 1.0)
 
 
+#: the folders of this issue's configs (others' configs have their own tests)
+DKD_CONFIG_DIRS = ["cifar100/dkd", "cifar100/kd", "cifar100/teachers", "cifar100/dkd_table1",
+                   "imagenet/dkd", "imagenet/kd", "imagenet/teachers",
+                   "cifar10/teachers", "cifar10/vanilla", "cifar10/kd", "cifar10/dkd"]
+
+
 def all_configs():
-    return sorted(p for d in ("cifar100", "imagenet", "cifar10") for p in (ROOT / "configs" / d).rglob("*.yaml")
-                  if "_base" not in p.parts)
+    return sorted(p for d in DKD_CONFIG_DIRS for p in (ROOT / "configs" / d).glob("*.yaml"))
 
 
 def test_every_config_loads_and_its_zoo_models_build():
@@ -426,10 +435,14 @@ def test_every_config_loads_and_its_zoo_models_build():
         for m in (cfg.model, cfg.teacher):
             if m is None or (m.name, classes) in built:
                 continue
-            if ":" in m.name and m.name.partition(":")[0] not in _PREFIXES:
-                continue  # tv:/timm: support is another module's; skip until it is registered
+            if ":" in m.name:
+                # tv:/timm: models are another module's (tests/test_external_models.py,
+                # tests/test_imagenet_configs.py run these configs end to end): here only
+                # check that the prefix resolves, once it is registered.
+                assert not _PREFIXES or m.name.partition(":")[0] in _PREFIXES, m.name
+                continue
             net = create_model(m.name, num_classes=classes, **m.kwargs)
-            size = 224 if classes == 1000 else 32
+            size = 64 if classes == 1000 else 32  # ImageNet nets pool adaptively; 224 only costs time
             with torch.no_grad():
                 assert net.eval()(torch.zeros(1, 3, size, size)).shape == (1, classes), path
             built.add((m.name, classes))

@@ -16,10 +16,10 @@ from kdlab.engine.trainer import Trainer
 from kdlab.errors import DataError
 
 try:
-    from tests.fakedata import write_cifar10, write_cifar100
+    from tests.fakedata import write_cifar10, write_cifar100, write_imagefolder
     from tests.speedkit import tiny_model_registered
 except ImportError:  # tests/ itself on sys.path
-    from fakedata import write_cifar10, write_cifar100  # type: ignore[no-redef]
+    from fakedata import write_cifar10, write_cifar100, write_imagefolder  # type: ignore[no-redef]
     from speedkit import tiny_model_registered  # type: ignore[no-redef]
 
 SPEC = ViewSpec(32, 4, True, (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))
@@ -137,6 +137,22 @@ def test_gpu_loader_serves_the_subset_with_its_noisy_labels(tmp_path):
         assert int(targets[k]) == data.train.targets[i]  # the noisy label the standard pipeline serves
         base = data.train.indices[i]
         assert torch.equal(images[k], torchvision_view(data.train.dataset.data[base], int(views[k]), spec))
+
+
+def test_gpu_loader_decodes_an_imagefolder_subset_like_the_standard_pipeline(tmp_path):
+    write_imagefolder(tmp_path, 3, 4, size=32, ext="mixed")
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path), transform="cifar", train_subset=7, batch_size=7)
+    data = build_datasets(cfg, 0)
+    train, val = gpu_loaders(data, cfg, seed=0, device=torch.device("cpu"))
+    images, targets, idx, views = next(iter(train))
+    folder = data.train.dataset
+    spec = describe_transform(folder.transform, 32)
+    for k in range(len(idx)):
+        path, label = folder.samples[data.train.indices[int(idx[k])]]
+        pixels = np.asarray(folder.loader(path))  # what ImageFolder hands its transform
+        assert int(targets[k]) == label
+        assert torch.equal(images[k], torchvision_view(pixels, int(views[k]), spec))
+    assert len(val.targets) == 3 * 4
 
 
 def test_gpu_pipeline_refuses_what_it_cannot_do(make_config):

@@ -152,6 +152,12 @@ def test_continuous_augmentation_is_refused(env, tmp_path):
                                       data={"name": "imagefolder", "root": str(tmp_path / "folder")}))
     with pytest.raises(DataError, match="finite set of views.*RandomResizedCrop.*does not apply to continuous"):
         build_cache(cfg, tmp_path / "c", progress=False)
+    # AutoAugment on top of crop + flip: refused when building and when training from a cache.
+    cfg = load_config(data=env.config(data={"augment": "autoaugment"}))
+    with pytest.raises(DataError, match="AutoAugment.*does not apply to continuous"):
+        build_cache(cfg, tmp_path / "c", progress=False)
+    with pytest.raises(DataError, match="AutoAugment.*remove teacher.cache"):
+        Trainer(cfg).setup()
 
 
 def test_describe_transform_refuses_autoaugment_and_accepts_crop_flip():
@@ -186,3 +192,23 @@ def test_trainer_refuses_cache_for_a_teacherless_method(env):
     cfg = load_config(data=env.config(method={"name": "vanilla"}))
     with pytest.raises(ConfigError, match="uses no teacher; remove teacher.cache"):
         Trainer(cfg).setup()
+
+
+def test_a_transform_whose_draws_cannot_be_replayed_is_refused(env, monkeypatch):
+    import kdlab.engine.teacher_cache as tc
+
+    real = tc.view_of
+    monkeypatch.setattr(tc, "view_of", lambda spec, *a, **k: (real(spec, *a, **k) + 1) % spec.num_views)
+    cfg = load_config(data=env.config())
+    with pytest.raises(KDLabError, match="could not be replayed.*data.pipeline=gpu"):
+        Trainer(cfg).setup()
+
+
+def test_images_larger_than_the_crop_are_refused(env, tmp_path):
+    # RandomCrop(32, padding=4) of 40x40 images has 17 x 17 offsets, not the 9 x 9 cached.
+    write_imagefolder(tmp_path / "big", 2, 2, size=40)
+    teacher = write_teacher(tmp_path / "t2.pt", env.tiny, num_classes=2)
+    cfg = load_config(data=env.config(teacher={"checkpoint": str(teacher)}, data={
+        "name": "imagefolder", "root": str(tmp_path / "big"), "transform": "cifar"}))
+    with pytest.raises(DataError, match="needs 32x32 images.*40x40"):
+        build_cache(cfg, tmp_path / "c", progress=False)

@@ -320,6 +320,22 @@ def test_uniform_predictions_sit_at_chance_and_semantic_ones_at_the_top():
     assert set(m) == {"in_group_mass", "top_secondary_in_group", "similarity_rank_corr", "in_group_chance"}
 
 
+@FAST
+@given(st.integers(0, 10_000), st.permutations([0, 1, 2]))
+def test_metrics_are_bounded_and_ignore_group_ids(seed, perm):
+    rng = np.random.default_rng(seed)
+    c = len(GROUPS)
+    y = rng.integers(0, c, size=12)
+    probs = rng.dirichlet(np.full(c, 0.5), size=12)
+    renamed = [perm[g] for g in GROUPS]
+    for fn in (in_group_mass, lambda p, t, g: top_secondary_in_group(p, t, g, 3)):
+        value = fn(probs, y, GROUPS)
+        assert 0.0 <= value <= 1.0
+        assert fn(probs, y, renamed) == pytest.approx(value)
+    rho = similarity_rank_corr(probs, y, GROUPS)
+    assert math.isnan(rho) or -1.0 <= rho <= 1.0
+
+
 def test_class_similarity_is_symmetric_mean_of_non_target_distributions():
     probs = np.array([[0.5, 0.25, 0.25], [0.2, 0.6, 0.2]])
     sim = class_similarity(probs, np.array([0, 1]), 3)

@@ -49,7 +49,8 @@ def expand_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
                 raise KDLabError(f"no run folders (with metrics.jsonl) under {str(p)!r}; pass run folders written by 'kdlab train'")
             out.extend(found)
         else:
-            raise KDLabError(f"{str(p)!r} does not exist; pass run folders written by 'kdlab train'")
+            raise KDLabError(f"{str(p)!r} does not exist; pass run folders written by 'kdlab train' "
+                             "(folders holding metrics.jsonl)")
     return out
 
 

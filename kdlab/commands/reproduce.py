@@ -18,8 +18,9 @@ the row's teacher config. A row that cannot run says why; the others still run. 
 are trained first when their checkpoint is missing; finished runs are reused, interrupted
 ones resume. A top1_gain row (DKD Table 1) also runs its baseline row (the student alone).
 
-Overrides: method.* and teacher.* apply to the row's own config; every other key (data.root,
-train.epochs, output_dir, train.device, ...) to its teacher's config too.
+Overrides: method.*, teacher.* and name apply to the row's own config; every other key
+(data.root, train.epochs, output_dir, train.device, ...) to its teacher's config too. With
+--seeds N each row trains N seeds; its teacher is trained once.
 
 examples:
   kdlab reproduce --list 'dkd/*'
@@ -104,8 +105,11 @@ def run(args: argparse.Namespace) -> int:
          _signed(o.diffs()[0]), _num(o.best), _signed(o.diffs()[1]), o.n or "-", o.status] for o in outcomes
     ])
     for o in outcomes:
-        if o.problem:
+        if o.problem and o.status != "cannot run":  # those were printed before training
             print(f"{o.row.id}: {o.status}: {o.problem}", file=sys.stderr)
+    if problems:
+        print(f"{len(problems)} row(s) could not run; the reasons are printed above the plan's end",
+              file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([o.to_json() for o in outcomes], f, indent=2)

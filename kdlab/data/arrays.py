@@ -13,6 +13,8 @@ sample: the cache is keyed by base index, so one cache serves every subset and s
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -33,17 +35,18 @@ def base_of(dataset: Dataset) -> tuple[Dataset, np.ndarray | None]:
     return dataset, index
 
 
-def uint8_images(base: Dataset, what: str) -> np.ndarray:
-    """All images of a base dataset as one (N, H, W, 3) uint8 array.
+def uint8_images(base: Dataset, what: str, indices: np.ndarray | None = None) -> np.ndarray:
+    """Images of a base dataset (all, or those at `indices`) as one (N, H, W, 3) uint8 array.
 
     `what` names the feature that needs them, for the error message.
     """
     data = getattr(base, "data", None)
     if isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 4 and data.shape[-1] == 3:
-        return data
+        return data if indices is None else data[indices]
     samples, loader = getattr(base, "samples", None), getattr(base, "loader", None)
     if samples is not None and loader is not None:
-        return _decode_all(samples, loader, what)
+        paths = [p for p, _ in samples] if indices is None else [samples[int(i)][0] for i in indices]
+        return _decode_all(paths, loader, what)
     raise DataError(
         f"{what} needs a dataset of uint8 RGB images (cifar10, cifar100, or imagefolder with "
         f"data.transform=cifar), not {type(base).__name__}; use data.pipeline=standard and no "
@@ -53,27 +56,26 @@ def uint8_images(base: Dataset, what: str) -> np.ndarray:
 
 def uint8_image(base: Dataset, i: int, what: str) -> np.ndarray:
     """Image `i` of a base dataset as (H, W, 3) uint8, without decoding the others."""
-    data = getattr(base, "data", None)
-    if isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 4:
-        return data[i]
-    samples, loader = getattr(base, "samples", None), getattr(base, "loader", None)
-    if samples is not None and loader is not None:
-        return np.asarray(loader(samples[i][0]))
-    return uint8_images(base, what)[i]  # raises the DataError for unsupported datasets
+    return uint8_images(base, what, np.array([i]))[0]
 
 
-def _decode_all(samples: list[tuple[str, int]], loader: Any, what: str) -> np.ndarray:
-    first = np.asarray(loader(samples[0][0])) if samples else np.zeros((0, 0, 3), np.uint8)
-    out = np.empty((len(samples),) + first.shape, dtype=np.uint8)
-    for i, (path, _) in enumerate(samples):
-        pixels = np.asarray(loader(path))
+def _decode_all(paths: list[str], loader: Any, what: str) -> np.ndarray:
+    """Decode image files with the dataset's loader, in threads (PIL decodes without the GIL)."""
+    first = np.asarray(loader(paths[0])) if paths else np.zeros((0, 0, 3), np.uint8)
+    out = np.empty((len(paths),) + first.shape, dtype=np.uint8)
+
+    def decode(i: int) -> None:
+        pixels = np.asarray(loader(paths[i]))
         if pixels.shape != first.shape:
             raise DataError(
-                f"{what} needs images of one size, but {path!r} is {pixels.shape[1]}x{pixels.shape[0]} "
-                f"and {samples[0][0]!r} is {first.shape[1]}x{first.shape[0]}; resize the images to "
+                f"{what} needs images of one size, but {paths[i]!r} is {pixels.shape[1]}x{pixels.shape[0]} "
+                f"and {paths[0]!r} is {first.shape[1]}x{first.shape[0]}; resize the images to "
                 "one size or use data.pipeline=standard and no teacher.cache"
             )
         out[i] = pixels
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        list(pool.map(decode, range(len(paths)), chunksize=256))
     return out
 
 

@@ -48,12 +48,17 @@ def dataset_spec(dataset, image_size: int, what: str, fix: str) -> ViewSpec:
                         f"training transform is {exc}; {fix}") from None
 
 
+def check_image_size(shape: tuple[int, ...], spec: ViewSpec, what: str, fix: str) -> None:
+    """Views are crops of images of the crop's own size; anything else has other offsets."""
+    if tuple(shape[:2]) != (spec.size, spec.size):
+        raise DataError(f"{what} needs {spec.size}x{spec.size} images (the crop size), but they are "
+                        f"{shape[1]}x{shape[0]}; {fix}")
+
+
 def device_images(dataset, device: torch.device) -> tuple[Tensor, Tensor]:
     """(uint8 (N, H, W, 3), int64 targets (N,)) of a dataset on `device`, in its own index order."""
     base, index = base_of(dataset)
-    pixels = uint8_images(base, WHAT)
-    if index is not None:
-        pixels = pixels[index]
+    pixels = uint8_images(base, WHAT, index)  # only the subset's images
     targets = torch.as_tensor(np.asarray(dataset.targets, dtype=np.int64))
     return torch.from_numpy(np.ascontiguousarray(pixels)).to(device), targets.to(device)
 
@@ -114,8 +119,7 @@ def gpu_loaders(data: DataBundle, cfg, seed: int, device: torch.device, *, chann
     if val_spec.padding or val_spec.flip or (val_spec.mean, val_spec.std) != (spec.mean, spec.std):
         raise DataError(f"{WHAT}: the validation transform is not the training one without augmentation; {fix}")
     x, y = device_images(data.train, device)
-    if x.shape[1:3] != (size, size):
-        raise DataError(f"{WHAT}: the images are {x.shape[2]}x{x.shape[1]}, the model input {size}x{size}; {fix}")
+    check_image_size(tuple(x.shape[1:]), spec, WHAT, fix)
     train = GpuTrainLoader(x, y, spec, cfg.batch_size, seed, channels_last=channels_last,
                            num_replicas=num_replicas, rank=rank)
     vx, vy = device_images(data.val, device)
@@ -124,4 +128,4 @@ def gpu_loaders(data: DataBundle, cfg, seed: int, device: torch.device, *, chann
     return train, val
 
 
-__all__ = ["GpuEvalLoader", "GpuTrainLoader", "dataset_spec", "device_images", "gpu_loaders"]
+__all__ = ["GpuEvalLoader", "GpuTrainLoader", "check_image_size", "dataset_spec", "device_images", "gpu_loaders"]

@@ -9,7 +9,8 @@ A *preset* fixes the geometry the model sees and the evaluation pipeline:
 An *augment* (``data.augment``) picks the training pipeline. Each one is a function
 ``fn(preset, mean, std, size) -> transform`` registered in `AUGMENTS`; `train_transform`
 looks it up, so adding a policy is one registration (see `_standard` and the helpers
-`geometric_augment` / `to_normalized_tensor`). For example AutoAugment's CIFAR-10 policy::
+`geometric_augment` / `to_normalized_tensor`). For example AutoAugment's CIFAR-10 policy, which
+is registered below as ``augment: autoaugment`` (DKD Table 2) in essentially this form::
 
     @AUGMENTS.register("autoaugment")
     def _autoaugment(preset, mean, std, size):

@@ -174,14 +174,6 @@ def render(images: Tensor, views: Tensor, spec: ViewSpec, channels_last: bool = 
     return normalize(crop_flip(images, views, spec), mean, std, channels_last)
 
 
-def all_views(images: Tensor, spec: ViewSpec) -> Tensor:
-    """uint8 (B, H, W, C) -> every view of every image, (B * num_views, size, size, C),
-    image-major (rows b * num_views .. (b + 1) * num_views - 1 are image b's views 0..V-1)."""
-    v = spec.num_views
-    views = torch.arange(v, device=images.device).repeat(images.shape[0])
-    return crop_flip(images.repeat_interleave(v, dim=0), views, spec)
-
-
 # ----------------------------------------------------------------------------- drawing
 
 
@@ -223,7 +215,6 @@ def epoch_views(spec: ViewSpec, seed: int, epoch: int, n: int) -> Tensor:
 __all__ = [
     "UnsupportedAugmentation",
     "ViewSpec",
-    "all_views",
     "crop_flip",
     "describe_transform",
     "epoch_views",

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -346,14 +347,24 @@ def check_run_dir(chain: Chain, m: int) -> bool:
                 f"use another experiment.name or output_dir, or delete {run_dir} and every later generation"
             )
     done = (run_dir / "result.json").is_file()
-    if done and m > 0:
+    # The student's own last.pt (written every epoch) dates its training; a teacher checkpoint
+    # newer than it means generation m - 1 was retrained after m learnt from the old one.
+    student = run_dir / "last.pt" if (run_dir / "last.pt").is_file() else run_dir / "result.json"
+    if m > 0 and student.is_file():
         teacher = chain.checkpoint(m - 1)
-        if teacher.is_file() and teacher.stat().st_mtime > (run_dir / "result.json").stat().st_mtime:
+        if teacher.is_file() and teacher.stat().st_mtime > student.stat().st_mtime:
+            state = "finished" if done else "started"
             raise CheckpointError(
-                f"{teacher} was rewritten after generation {m} finished training from it; delete "
+                f"{teacher} was rewritten after generation {m} {state} training from it; delete "
                 f"{run_dir} and every later generation so that they retrain from the new teacher"
             )
     return done
+
+
+def _is_main_process() -> bool:
+    # Under torchrun every rank runs the chain (each Trainer joins the process group);
+    # only rank 0 writes the chain's own files.
+    return os.environ.get("RANK", "0") == "0"
 
 
 def run_chain(chain: Chain, *, report: bool = True, stop_after: int | None = None) -> dict[str, Any] | None:
@@ -363,8 +374,10 @@ def run_chain(chain: Chain, *, report: bool = True, stop_after: int | None = Non
     """
     from kdlab.engine.trainer import Trainer
 
-    chain.root.mkdir(parents=True, exist_ok=True)
-    (chain.root / "chain.yaml").write_text(yaml.safe_dump(chain.raw, sort_keys=False))
+    main = _is_main_process()
+    if main:
+        chain.root.mkdir(parents=True, exist_ok=True)
+        (chain.root / "chain.yaml").write_text(yaml.safe_dump(chain.raw, sort_keys=False))
     for m, cfg in enumerate(chain.configs):
         if check_run_dir(chain, m):
             log.info("generation %d: finished earlier (%s), skipped", m, chain.run_dir(m) / "result.json")
@@ -379,7 +392,7 @@ def run_chain(chain: Chain, *, report: bool = True, stop_after: int | None = Non
             Trainer(cfg, resume=True, run_dir=chain.run_dir(m)).fit()
         if stop_after is not None and m >= stop_after:
             return None
-    if not report:
+    if not report or not main:
         return None
     from kdlab.analysis.generations import write_report
 

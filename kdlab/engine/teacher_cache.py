@@ -41,8 +41,8 @@ from torch import Tensor
 from kdlab.config.schema import ExperimentConfig
 from kdlab.data.arrays import base_of, uint8_image, uint8_images
 from kdlab.data.datasets import DataBundle
-from kdlab.data.gpu_pipeline import dataset_spec
-from kdlab.data.views import ViewSpec, all_views, normalize, render, view_of, views_of
+from kdlab.data.gpu_pipeline import check_image_size, dataset_spec
+from kdlab.data.views import ViewSpec, render, view_of, views_of
 from kdlab.errors import ConfigError, DataError, KDLabError
 
 FORMAT = "kdlab-teacher-cache"
@@ -83,9 +83,9 @@ def teacher_file(cfg: ExperimentConfig) -> str:
 def dataset_fingerprint(base) -> str:
     """SHA-256 of the dataset size and the pixels of `FINGERPRINT_SAMPLES` evenly spaced images."""
     n = len(base)
+    picks = np.unique(np.linspace(0, n - 1, min(n, FINGERPRINT_SAMPLES)).astype(np.int64))
     h = hashlib.sha256(str(n).encode())
-    for i in sorted({int(i) for i in np.linspace(0, n - 1, min(n, FINGERPRINT_SAMPLES))}):
-        h.update(np.ascontiguousarray(uint8_image(base, i, WHAT)).tobytes())
+    h.update(np.ascontiguousarray(uint8_images(base, WHAT, picks)).tobytes())
     return h.hexdigest()
 
 
@@ -107,9 +107,13 @@ def expected_meta(cfg: ExperimentConfig, data: DataBundle, spec: ViewSpec) -> di
 
 
 def train_spec(data: DataBundle) -> ViewSpec:
+    """The training set's `ViewSpec`, or a `DataError` when the cache cannot apply to it."""
     fix = ("the cache does not apply to continuous augmentations: remove teacher.cache "
            "(or use data.augment=standard)")
-    return dataset_spec(data.train, int(data.input_size[-1]), WHAT, fix)
+    spec = dataset_spec(data.train, int(data.input_size[-1]), WHAT, fix)
+    base, _ = base_of(data.train)
+    check_image_size(uint8_image(base, 0, WHAT).shape, spec, WHAT, "remove teacher.cache")
+    return spec
 
 
 def rebuild_hint(path: str | Path) -> str:
@@ -157,11 +161,13 @@ def build_cache(cfg: ExperimentConfig, path: str | Path, *, batch_size: int = 10
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         mm = np.memmap(tmp / LOGITS_FILE, dtype=np.float16, mode="w+", shape=(n, v, c))
-        bar = tqdm(total=n, desc=f"caching {cfg.teacher.name} ({v} views)", unit="img", disable=not progress,
-                   dynamic_ncols=True)
+        bar = tqdm(total=n, desc=f"caching {cfg.teacher.name}, {spec.describe()}", unit="img",
+                   disable=not progress, dynamic_ncols=True)
         for start in range(0, n, per_batch):
             chunk = torch.from_numpy(pixels[start:start + per_batch]).to(device)
-            x = _normalized_views(chunk, spec, cfg.train.channels_last)
+            # Every view of every image, image-major: row i * V + j is image i's view j.
+            views = torch.arange(v, device=device).repeat(len(chunk))
+            x = render(chunk.repeat_interleave(v, dim=0), views, spec, cfg.train.channels_last)
             with autocast_context(device, cfg.train.amp):
                 logits = teacher(x)
             half = logits.float().reshape(len(chunk), v, c).half()
@@ -180,13 +186,6 @@ def build_cache(cfg: ExperimentConfig, path: str | Path, *, batch_size: int = 10
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
-
-
-def _normalized_views(chunk: Tensor, spec: ViewSpec, channels_last: bool) -> Tensor:
-    """Every view of a uint8 chunk (k, H, W, 3), normalised: (k * V, 3, size, size)."""
-    mean = torch.tensor(spec.mean, dtype=torch.float32, device=chunk.device)
-    std = torch.tensor(spec.std, dtype=torch.float32, device=chunk.device)
-    return normalize(all_views(chunk, spec), mean, std, channels_last)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -211,7 +210,11 @@ class TeacherCache:
 
     def to_device(self, device: torch.device) -> "TeacherCache":
         """Load the whole table into `device` memory (N * V * C * 2 bytes): lookups become a gather."""
-        self.table = torch.from_numpy(np.ascontiguousarray(self.logits)).to(device)
+        table = torch.empty(self.shape, dtype=torch.float16, device=device)
+        step = max(1, (64 << 20) // max(1, self.shape[1] * self.shape[2] * 2))  # ~64 MB host copies
+        for start in range(0, self.shape[0], step):
+            table[start:start + step].copy_(torch.from_numpy(np.array(self.logits[start:start + step])))
+        self.table = table
         return self
 
     def lookup(self, base_indices: Tensor, views: Tensor, device: torch.device | str = "cpu") -> Tensor:
@@ -242,11 +245,11 @@ class TeacherCache:
             raise StaleCacheError(f"{where} has shape {meta['shape']}, expected {expected['shape']}; {hint}")
 
 
-def open_cache(cfg: ExperimentConfig, data: DataBundle, path: str | Path | None = None) -> TeacherCache:
-    """Open and verify the cache of `cfg` (`path` defaults to `cfg.teacher.cache`)."""
-    assert cfg.teacher is not None
-    cache = TeacherCache(path or cfg.teacher.cache)
-    cache.check(expected_meta(cfg, data, train_spec(data)))
+def open_cache(cfg: ExperimentConfig, data: DataBundle, spec: ViewSpec | None = None) -> TeacherCache:
+    """Open `cfg.teacher.cache` and verify it was built for this teacher, data and augmentation."""
+    assert cfg.teacher is not None and cfg.teacher.cache
+    cache = TeacherCache(cfg.teacher.cache)
+    cache.check(expected_meta(cfg, data, spec or train_spec(data)))
     return cache
 
 
@@ -298,7 +301,7 @@ def check_view_replay(dataset, spec: ViewSpec, seed: int, samples: int = 2) -> N
     for i in range(min(samples, len(dataset))):
         image = seeded[(1, i)][0]
         b = int(index[i]) if index is not None else i
-        pixels = torch.from_numpy(np.ascontiguousarray(uint8_image(base, b, WHAT)))[None]
+        pixels = torch.from_numpy(np.array(uint8_image(base, b, WHAT)))[None]  # a writable copy
         expected = render(pixels, torch.tensor([view_of(spec, seed, 1, i)]), spec)[0]
         if not torch.allclose(image, expected, atol=1e-5):
             raise KDLabError(
@@ -313,7 +316,7 @@ def teacher_feed(cfg: ExperimentConfig, data: DataBundle, distiller, device: tor
         return None
     check_method(distiller)
     spec = train_spec(data)
-    cache = open_cache(cfg, data)
+    cache = open_cache(cfg, data, spec)
     if cfg.data.pipeline == "gpu":
         if device.type != "cpu":
             cache.to_device(device)  # everything on the device, like the images

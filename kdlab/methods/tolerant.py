@@ -69,7 +69,7 @@ class Tolerant(Distiller):
         if cfg.kind == "tsd" and num_classes is not None and cfg.k > num_classes:
             raise ConfigError(
                 f"method.k={cfg.k} is larger than the {num_classes} classes of this dataset; "
-                f"set method.k to at most {num_classes} (the paper uses 5)"
+                f"set method.k (chain.k in a generations config) to at most {num_classes} (the paper uses 5)"
             )
 
     def forward_train(self, images: Tensor, targets: Tensor, *, epoch: int, teacher_logits: Tensor | None = None) -> StepOutput:

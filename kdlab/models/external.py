@@ -202,6 +202,19 @@ def discover_stage_nodes(net: nn.Module, side: int = _TV_DISCOVERY_SIDE) -> Stag
     return StageNodes(tuple(post_names), tuple(pre_names), qual[pooled], qual[logits], head)
 
 
+def open_sequential_leaves(net: nn.Module) -> None:
+    """torchvision's tracer keeps every `torchvision.ops` module as one opaque node, among
+    them `Conv2dNormActivation` (conv + BN + activation), which ends many MobileNet,
+    EfficientNet and RegNet stages: its BN output, the stage's pre-activation, would be out
+    of reach. Such modules are plain Sequentials (no forward of their own), so they are
+    re-typed as `nn.Sequential`; the computation and the state-dict keys stay the same."""
+    for m in net.modules():
+        cls = type(m)
+        if cls is not nn.Sequential and isinstance(m, nn.Sequential) and cls.forward is nn.Sequential.forward \
+                and cls.__module__.startswith("torchvision.ops"):
+            m.__class__ = nn.Sequential
+
+
 def _rewrite_inplace(graph: Any) -> None:
     for node in graph.nodes:
         if node.kwargs.get("inplace") is True:
@@ -230,6 +243,7 @@ class TorchvisionClassifier(FeatureClassifier):
 
         self.label = label
         disable_inplace(net)
+        open_sequential_leaves(net)
         self.nodes: StageNodes | None = None
         self._why_no_features = ""
         if label.split(":", 1)[-1].startswith(_TV_LOGITS_ONLY):

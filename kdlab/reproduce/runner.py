@@ -12,7 +12,7 @@ For the chosen rows (plus the baseline rows that `top1_gain` rows are measured a
 3. *Compare*: measured last-epoch and best-epoch values against the published number, with
    the difference (measured - published), mean over seeds with `seeds > 1`.
 
-Overrides: `method.*` and `teacher.*` keys apply to the row's config only; every other key
+Overrides: `method.*`, `teacher.*` and `name` apply to the row's config only; every other key
 (data.root, train.epochs, output_dir, train.device, ...) to the teacher's config as well.
 """
 from __future__ import annotations
@@ -56,7 +56,7 @@ def split_overrides(overrides: Iterable[str]) -> tuple[list[str], list[str]]:
     shared, own = [], []
     for text in overrides:
         head = text.split("=", 1)[0].strip().split(".", 1)[0]
-        (own if head in ("method", "teacher") else shared).append(text)
+        (own if head in ("method", "teacher", "name") else shared).append(text)
     return shared, own
 
 
@@ -268,7 +268,8 @@ def run_plan(plan: Plan) -> Measured:
         results = [_read_result(plan.chain.run_dir(m)) for m in finished_generations(plan.chain)]
         if not results:
             raise KDLabError(f"{plan.row.id}: the chain has no finished generation")
-        best = max(results, key=lambda r: r["last_top1"])
+        key = "last_top5" if plan.row.metric.startswith("top5") else "last_top1"
+        best = max(results, key=lambda r: r[key])  # the best generation by the row's metric
         return Measured(best["last_top1"], best["best_top1"], best["last_top5"], best["best_top5"], 1,
                         run_dirs=[str(plan.chain.root)])
     if plan.teacher_cfg is not None and plan.teacher_action == "train":
