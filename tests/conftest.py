@@ -2,13 +2,12 @@
 pytest-xdist workers), no progress bars, and a helper to build tiny experiment configs."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-# Two xdist workers on two cores: one intra-op thread each avoids oversubscription.
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+# One intra-op thread per test process: the suite runs as two xdist workers on two cores,
+# and with two threads each the workers' OpenMP spin-waits make convolutions ~10x slower.
+torch.set_num_threads(1)
 
 
 def tiny_config(tmp_path, **sections) -> dict:

@@ -57,7 +57,7 @@ def reference_terms(s, t, y, temperature):
     scale=st.floats(0.1, 8.0),
 )
 def test_kd_equals_tckd_plus_weighted_nckd(seed, n, c, temperature, scale):
-    """DKD paper Eq. 7, per sample: KD = TCKD + (1 - p_t^T) * NCKD."""
+    """DKD paper, Sec. 3.1, per sample: KD = TCKD + (1 - p_t^T) * NCKD."""
     s, t, y = random_case(seed, n, c, scale)
     terms = dkd_terms(s, t, y, temperature)
     recomposed = terms.tckd + terms.teacher_non_target_prob * terms.nckd
@@ -320,11 +320,11 @@ def test_training_logs_every_term(make_config, tmp_path):
     TCKD, NCKD (weighted) and the unweighted terms and teacher confidence each epoch."""
     from kdlab.engine.trainer import Trainer
 
-    teacher_cfg = load_config(data=make_config(name="teacher"))
+    teacher_cfg = load_config(data=make_config(name="teacher", data={"train_subset": 64}))
     Trainer(teacher_cfg).fit()
     ckpt = tmp_path / "runs" / "teacher" / "best.pt"
     cfg = load_config(data=make_config(
-        name="dkd", teacher={"name": "resnet8", "checkpoint": str(ckpt)},
+        name="dkd", teacher={"name": "resnet8", "checkpoint": str(ckpt)}, data={"train_subset": 128},
         method={"name": "dkd", "beta": 2.0, "warmup_epochs": 2}, train={"epochs": 2},
     ))
     result = Trainer(cfg).fit()

@@ -2,6 +2,7 @@
 kdlab/models/adapter.py, kdlab/models/weights.py)."""
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -96,6 +97,16 @@ def test_external_models_follow_the_feature_contract(name, kwargs, preact_differ
     assert feats.pooled.shape == (2, pooled)
     info = feature_info(model, (3, 64, 64))
     assert [s.channels for s in info.stages] == [s.shape[1] for s in feats.stages]
+    # a deep copy (EMA, generations) captures its own features, not the original's
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in clone.parameters():
+            p.mul_(0.5)
+        c_logits, c_feats = clone(x, features=True)
+    assert not torch.allclose(c_logits, logits)
+    for p, s in zip(c_feats.preact_stages, c_feats.stages):
+        assert p.shape == s.shape
+    assert [not torch.equal(p, s) for p, s in zip(c_feats.preact_stages, c_feats.stages)] == preact_differs
 
 
 def test_timm_stage_capture_uses_the_final_activation():

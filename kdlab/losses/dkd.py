@@ -3,16 +3,16 @@ Distillation", CVPR 2022, arXiv 2203.08679).
 
 For a sample of class t, with p = softmax(z / T):
 
-- b = [p_t, 1 - p_t], the binary target / all-non-target probabilities (paper Eq. 1);
-- p_hat_i = p_i / (1 - p_t) for i != t, the distribution over the non-target classes
-  (Eq. 2), which is the softmax of the non-target logits alone.
+- b = [p_t, 1 - p_t], the binary target / all-non-target probabilities (Sec. 3.1 of the paper);
+- p_hat_i = p_i / (1 - p_t) for i != t, the distribution over the non-target classes,
+  which is the softmax of the non-target logits alone.
 
-Classic KD rewrites exactly as (Eq. 7)
+Classic KD rewrites exactly as (the reformulation of Sec. 3.1)
 
     KL(p^T || p^S) = KL(b^T || b^S) + (1 - p_t^T) * KL(p_hat^T || p_hat^S)
                    =       TCKD     + (1 - p_t^T) *          NCKD
 
-and DKD (Eq. 8) is alpha * TCKD + beta * NCKD. Every term here is multiplied by T^2
+and DKD (Sec. 3.3) is alpha * TCKD + beta * NCKD. Every term here is multiplied by T^2
 and averaged over the batch, like `kd_loss`.
 
 Numerics. Everything is computed in (at least) float32 from log-sum-exps of the logits, never from
@@ -116,7 +116,7 @@ def dkd_terms(
 ) -> DKDTerms:
     """Per-sample TCKD, NCKD (both times T^2) and the teacher's p_t at temperature T.
 
-    DKD paper Eq. 7: KD = TCKD + (1 - p_t^T) * NCKD holds sample by sample. Shares one
+    DKD paper, Sec. 3.1: KD = TCKD + (1 - p_t^T) * NCKD holds sample by sample. Shares one
     log-sum-exp pass between the two terms; `tckd_loss`, `nckd_loss` and `dkd_loss` are
     thin wrappers around it.
     """
@@ -141,9 +141,9 @@ def tckd_loss(
     temperature: float = 4.0,
     reduction: str = "mean",
 ) -> Tensor:
-    """Target-class KD (DKD paper, Eq. 7 first term): T^2 * KL(b^T || b^S) with
-    b = [p_t, 1 - p_t] at temperature T. `reduction`: 'mean' (over the batch) | 'sum' | 'none'
-    (one value per sample)."""
+    """Target-class KD (DKD paper, Sec. 3.1, the first term of KD = TCKD + (1 - p_t) NCKD):
+    T^2 * KL(b^T || b^S) with b = [p_t, 1 - p_t] at temperature T.
+    `reduction`: 'mean' (over the batch) | 'sum' | 'none' (one value per sample)."""
     return reduce_loss(dkd_terms(student_logits, teacher_logits, target, temperature).tckd, reduction)
 
 
@@ -154,7 +154,7 @@ def nckd_loss(
     temperature: float = 4.0,
     reduction: str = "mean",
 ) -> Tensor:
-    """Non-target-class KD (DKD paper, Eq. 7 second term, without KD's (1 - p_t^T) weight):
+    """Non-target-class KD (DKD paper, Sec. 3.1, second term, without KD's (1 - p_t^T) weight):
     T^2 * KL(p_hat^T || p_hat^S), p_hat the softmax over the non-target classes at T.
     Identically 0 with two classes (warns once). `reduction`: 'mean' | 'sum' | 'none'."""
     return reduce_loss(dkd_terms(student_logits, teacher_logits, target, temperature).nckd, reduction)
@@ -169,7 +169,7 @@ def dkd_loss(
     temperature: float = 4.0,
     reduction: str = "mean",
 ) -> Tensor:
-    """Decoupled KD (DKD paper, Eq. 8): alpha * TCKD + beta * NCKD, each T^2-scaled.
+    """Decoupled KD (DKD paper, Sec. 3.3): alpha * TCKD + beta * NCKD, each T^2-scaled.
 
     Defaults are the paper's CIFAR-100 ResNet32x4 -> ResNet8x4 setting. With alpha = 1 and
     the per-sample beta = 1 - p_t^T this is classic KD (see `dkd_terms`).

@@ -2,7 +2,7 @@
 
 `terms` selects the ablations of the paper's Table 1 (the loss weights are alpha and beta):
 
-    dkd            alpha * TCKD + beta * NCKD                  (the method, Eq. 8)
+    dkd            alpha * TCKD + beta * NCKD                  (the method, Sec. 3.3)
     tckd           alpha * TCKD                                (TCKD alone)
     nckd           beta * NCKD                                 (NCKD alone, not suppressed by 1 - p_t)
     kd_decomposed  TCKD + (1 - p_t^T) * NCKD, per sample       (classic KD written as its two

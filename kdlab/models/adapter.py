@@ -33,7 +33,6 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from kdlab.errors import ConfigError

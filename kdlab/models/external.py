@@ -18,7 +18,8 @@ is handled the same way:
   ResNet `layer1`..`layer4`, for MobileNet/EfficientNet/ConvNeXt the last `features.N`
   block before each down-sampling. The pre-activation of a stage is the input of its final
   activation when the stage ends with one (`layerK.<last>.add` for ResNets; the BN before
-  the final ReLU6/Hardswish of a MobileNet's last block); a stage that ends without an
+  the final ReLU6/Hardswish of a MobileNet's last block, reachable because
+  `open_sequential_leaves` lets the tracer into `Conv2dNormActivation`); a stage that ends without an
   activation (MobileNetV2/V3 linear bottlenecks, ConvNeXt) has pre = post. A single
   activation applied right after the trunk (DenseNet's `relu` after `norm5`) is absorbed
   into the last stage. The pooled vector is the input of the head module (`fc`,
