@@ -19,15 +19,6 @@ CUSTOM = Path(__file__).with_name("custom_nets.py")
 SMALL = f"py:{CUSTOM}:small_net"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # convolutions on 2 shared cores: one intra-op thread is several times faster than two
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def teacher_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("teacher") / "small.pt"

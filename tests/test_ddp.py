@@ -25,15 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 CUSTOM = Path(__file__).with_name("custom_nets.py")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # convolutions on 2 shared cores: one intra-op thread is several times faster than two
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _write_setup(tmp_path: Path) -> Path:
     from kdlab.engine.checkpoint import FORMAT, VERSION, atomic_save
     from kdlab.models import create_model

@@ -19,15 +19,6 @@ CUSTOM = str(Path(__file__).with_name("custom_nets.py"))
 timm = pytest.importorskip("timm")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # convolutions on 2 shared cores: one intra-op thread is several times faster than two
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tv_resnet18():
     torch.manual_seed(0)

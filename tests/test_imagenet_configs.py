@@ -21,15 +21,6 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for d in ("dkd", "reviewkd") for p in (REPO / "configs" / "imagenet" / d).glob("*.yaml"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # 224x224 convolutions on 2 shared cores: one intra-op thread is several times faster
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def imagenet_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("imagenet")

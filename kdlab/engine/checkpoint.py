@@ -64,6 +64,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def describe_mismatch(model: nn.Module, state: dict[str, torch.Tensor], limit: int = 6) -> str:
+    """'' when `state` fits `model` exactly, else the missing/unexpected/mis-shaped keys."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -72,6 +73,11 @@ def describe_mismatch(model: nn.Module, state: dict[str, torch.Tensor], limit: i
         for k in own
         if k in state and tuple(state[k].shape) != tuple(own[k].shape)
     ]
+    return format_key_problems(missing, unexpected, shapes, limit)
+
+
+def format_key_problems(missing: list[str], unexpected: list[str], shapes: list[str], limit: int = 6) -> str:
+    """One line naming the first `limit` keys of each kind of state-dict mismatch."""
     parts = []
     for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
         if items:

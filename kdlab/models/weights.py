@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from kdlab.engine.checkpoint import format_key_problems
 from kdlab.errors import CheckpointError
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_state", "model_ema")
@@ -105,18 +106,10 @@ def load_weights(
             "set model.kwargs.reset_head=true (or use weights trained on this dataset)"
         )
     if missing or unexpected or bad_shape:
-        problem = _describe(missing, unexpected, [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in bad_shape])
+        problem = format_key_problems(missing, unexpected, [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in bad_shape])
         raise CheckpointError(
             f"model.weights {str(path)!r} does not fit model {label!r}: {problem}. Check that the "
             "file holds weights of exactly this architecture (same name and variant)"
         )
     model.load_state_dict(state, strict=not reset_head)
 
-
-def _describe(missing: list[str], unexpected: list[str], shapes: list[str], limit: int = 6) -> str:
-    parts = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
-        if items:
-            more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
-            parts.append(f"{label}: {', '.join(items[:limit])}{more}")
-    return "; ".join(parts)
