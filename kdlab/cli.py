@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import pkgutil
 import sys
 
@@ -62,7 +63,18 @@ def main(argv: list[str] | None = None) -> int:
     from kdlab.errors import KDLabError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `kdlab train CFG --resume a.b=1`: argparse stops collecting the positional overrides at
+    # the option, so key=value words after it arrive here; they are overrides all the same.
+    stray = [w for w in extra if w.startswith("-") or "=" not in w]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    resume = getattr(args, "resume", None)
+    if isinstance(resume, str) and "=" in resume and not os.path.exists(resume):
+        extra.insert(0, resume)  # `--resume key=value`: a bare --resume, then an override
+        args.resume = True
+    if extra:
+        args.overrides = list(args.overrides) + extra
     if not args.command:
         parser.print_help()
         return 0

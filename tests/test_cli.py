@@ -62,3 +62,19 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     logged = json.loads((tmp_path / "demo" / "digits_teacher_resnet20" / "result.json").read_text())
     assert got["top1"] == pytest.approx(logged["last_top1"], abs=1e-6)
+
+
+def test_overrides_after_an_option_are_still_overrides(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_run(args):
+        seen["overrides"], seen["resume"] = args.overrides, args.resume
+        return 0
+
+    import kdlab.commands.train as train_cmd
+
+    monkeypatch.setattr(train_cmd, "run", fake_run)
+    assert main(["train", "c.yaml", "a.b=1", "--resume", "c.d=2"]) == 0
+    assert seen == {"overrides": ["a.b=1", "c.d=2"], "resume": True}
+    with pytest.raises(SystemExit):
+        main(["train", "c.yaml", "--resume", "--bogus"])

@@ -94,7 +94,7 @@ def build_report(chain: Chain) -> dict[str, Any]:
         )
     cfg0 = chain.configs[0]
     device = resolve_device(cfg0.train.device)
-    bundle = build_datasets(cfg0.data, seed=cfg0.train.seed)
+    bundle = build_datasets(cfg0.data)
     loader = eval_loader(bundle.val, cfg0.data, device.type)
     groups, group_source = None, None
     if chain.settings.groups is not None:

@@ -165,7 +165,7 @@ def analyze(
     cfg = load_config(data=s_ckpt["config"], overrides=overrides)
     # Analysis sees every image as evaluated: no augmentation, also for the training split.
     data_cfg = cfg.data.model_copy(update={"augment": "none"})
-    data = build_datasets(data_cfg, seed=cfg.train.seed)
+    data = build_datasets(data_cfg)
     for role, ck, path in (("teacher", t_ckpt, teacher_ckpt), ("student", s_ckpt, student_ckpt)):
         classes = ck.get("model", {}).get("num_classes")
         if classes is not None and classes != data.num_classes:

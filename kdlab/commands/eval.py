@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
 
     model, ckpt = build_model_from_checkpoint(args.checkpoint)
     cfg = load_config(data=ckpt["config"], overrides=args.overrides)
-    data = build_datasets(cfg.data, seed=cfg.train.seed)
+    data = build_datasets(cfg.data)
     device = resolve_device(args.device)
     metrics = evaluate(model.to(device), eval_loader(data.val, cfg.data, device.type), data.num_classes, device)
     print(json.dumps({"checkpoint": args.checkpoint, "model": cfg.model.name, "epoch": ckpt["epoch"], **metrics}))

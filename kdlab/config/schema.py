@@ -101,6 +101,9 @@ class DataConfig(StrictModel):
     train_subset: PositiveInt | None = Field(
         default=None, description="Use only the first N (seeded shuffle) training samples."
     )
+    subset_seed: int = Field(
+        default=0, description="Seed of the train_subset choice (independent of train.seed)."
+    )
     label_noise: float = Field(default=0.0, ge=0.0, le=1.0, description="Symmetric noise ratio.")
     noise_seed: int = 0
 

@@ -6,7 +6,7 @@ A dataset file (`digits.py`, `cifar.py`, `folder.py`) registers a builder
 every dataset, in this order:
 
 1. `train_subset`: keep the first N indices of a permutation of the training set seeded by
-   `seed` (the experiment seed); the kept indices are sorted.
+   `data.subset_seed`; the kept indices are sorted.
 2. `label_noise`: symmetric noise on the (subset's) training labels, seeded by `noise_seed`.
 
 Both wrap the training set in `RelabeledSubset`, which serves the kept samples with the
@@ -139,11 +139,13 @@ def apply_subset_and_noise(bundle: DataBundle, cfg: DataConfig, seed: int) -> Da
     return dataclasses.replace(bundle, train=train, train_targets=list(targets))
 
 
-def build_datasets(cfg: DataConfig, seed: int = 0) -> DataBundle:
+def build_datasets(cfg: DataConfig, seed: int | None = None) -> DataBundle:
     """Build the train and val datasets that `cfg` describes.
 
-    `seed` (the experiment seed) only selects the `train_subset` samples; the digits
-    train/val split and the label noise (`cfg.noise_seed`) have their own fixed seeds.
+    The `train_subset` samples are chosen with `cfg.subset_seed` (or `seed` when given), not
+    with the training seed, so runs that differ only in `train.seed` (multi-seed runs,
+    generations) train on the same samples. The digits train/val split and the label noise
+    (`cfg.noise_seed`) have their own fixed seeds.
     Raises `DataError` for anything the user can fix (unknown name, missing files, ...).
     """
     try:
@@ -151,7 +153,7 @@ def build_datasets(cfg: DataConfig, seed: int = 0) -> DataBundle:
     except UnknownNameError as err:
         raise DataError(f"{err}; set data.name to one of these") from None
     bundle = builder(cfg)
-    return apply_subset_and_noise(bundle, cfg, seed)
+    return apply_subset_and_noise(bundle, cfg, cfg.subset_seed if seed is None else seed)
 
 
 def list_datasets() -> list[str]:

@@ -292,10 +292,6 @@ def load_chain(path: str | Path | None = None, overrides: Iterable[str] = (), da
         except ConfigError as exc:
             text = str(exc).replace("invalid config:", f"invalid chain config (experiment block, generation {m}):", 1)
             raise ConfigError(text) from None
-    if exp.get("data", {}) and (exp.get("data") or {}).get("train_subset") and parsed.chain.seed_offset:
-        log.warning("data.train_subset is drawn with train.seed, and chain.seed_offset=%d gives each generation "
-                    "its own seed: the generations train on different subsets (set chain.seed_offset: 0 to share one)",
-                    parsed.chain.seed_offset)
     resolved = {"experiment": exp, "chain": parsed.chain.model_dump(mode="json")}
     return Chain(name=name, root=root, settings=parsed.chain, configs=configs, raw=resolved)
 

@@ -146,7 +146,7 @@ def build_cache(cfg: ExperimentConfig, path: str | Path, *, batch_size: int = 10
         raise KDLabError(f"teacher cache {str(path)!r} already exists; pass --force to rebuild it, "
                          "or choose another path with teacher.cache=PATH")
     device = device or resolve_device(cfg.train.device)
-    data = build_datasets(cfg.data, seed=cfg.train.seed)
+    data = build_datasets(cfg.data)
     spec = train_spec(data)
     meta = expected_meta(cfg, data, spec)
     base, _ = base_of(data.train)

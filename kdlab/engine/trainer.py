@@ -106,7 +106,7 @@ class Trainer:
         if self.is_main:
             check_writable(self.run_dir)
         seed_everything(cfg.train.seed, cfg.train.deterministic)
-        self.data = build_datasets(cfg.data, seed=cfg.train.seed)
+        self.data = build_datasets(cfg.data)
         self.num_classes = self.data.num_classes
         self.distiller = build_distiller(cfg, self.num_classes, self.data.input_size).to(self.device)
         if cfg.train.sync_bn:  # DDP on CUDA only; see kdlab/engine/distributed.py

@@ -152,7 +152,7 @@ class DKDSplit(Distiller):
         if cfg.rank_view == "plain":
             from kdlab.data import build_datasets
 
-            plain = build_datasets(data_cfg.model_copy(update={"augment": "none"}), seed=seed)
+            plain = build_datasets(data_cfg.model_copy(update={"augment": "none"}))
             if list(plain.train_targets) != [int(t) for t in getattr(train_set, "targets", plain.train_targets)]:
                 raise TrainingError("dkd_split: the un-augmented training set does not match the training set "
                                     "(different labels or order); use method.rank_view=augmented")
