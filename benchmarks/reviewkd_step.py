@@ -5,7 +5,8 @@
 
 One "step" is what the trainer does per batch, without data loading: forward, loss, backward,
 SGD update. Timed on one fixed random batch (default resnet32x4 -> resnet8x4, 100 classes,
-batch 64, 32x32), median over `--steps` steps after `--warmup` untimed ones:
+batch 64, 32x32), median over `--steps` steps after `--warmup` untimed ones; the four
+workloads take turns, one step each per round, so load changes hit them alike:
 
     student step      student forward + CE + backward + update (no teacher)
     teacher forward   the teacher's forward without gradients (eval mode)
@@ -31,21 +32,26 @@ from kdlab.methods import method_class  # noqa: E402
 from kdlab.models import create_model  # noqa: E402
 
 
-def median_ms(fn: Callable[[], None], steps: int, warmup: int, device: torch.device) -> float:
+def interleaved_medians(fns: dict[str, Callable[[], None]], steps: int, warmup: int,
+                        device: torch.device) -> dict[str, float]:
+    """Median ms per call of each function. The functions take turns (one call each per
+    round), so a change in machine load affects all of them alike and the ratios stay fair."""
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(steps):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for key, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[key].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
@@ -105,13 +111,11 @@ def main() -> None:
 
     kd_step, _ = distiller_step("kd")
     rkd_step, rkd = distiller_step("reviewkd", weight=5.0)
-    n = dict(steps=args.steps, warmup=args.warmup, device=device)
-    results = {
-        "student step": median_ms(student_step, **n),
-        "teacher forward": median_ms(teacher_forward, **n),
-        "KD step": median_ms(kd_step, **n),
-        "ReviewKD step": median_ms(rkd_step, **n),
-    }
+    results = interleaved_medians(
+        {"student step": student_step, "teacher forward": teacher_forward, "KD step": kd_step,
+         "ReviewKD step": rkd_step},
+        args.steps, args.warmup, device,
+    )
     results["floor (student step + teacher forward)"] = results["student step"] + results["teacher forward"]
 
     abf_params = sum(p.numel() for p in rkd.abfs.parameters())

@@ -140,6 +140,25 @@ def test_abf_fuses_with_two_attention_maps_from_the_concatenation():
     torch.testing.assert_close(out, expected)  # conv2 and its batch-norm are identities here
 
 
+@pytest.mark.parametrize("size, residual", [(8, 4), (8, 1), (6, 6), (8, 2), (6, 4), (4, 8)])
+def test_abf_fusion_equals_the_literal_concatenation(size, residual):
+    """Integer enlargements take a path that never builds up(y) or the concatenation; it must
+    equal the paper's computation, values and gradients (other ratios compute it literally)."""
+    torch.manual_seed(size * 10 + residual)
+    abf = ABF(3, 5, 2, fuse=True).double()
+    x = torch.randn(2, 5, size, size, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(2, 5, residual, residual, dtype=torch.float64, requires_grad=True)
+    y_up = resize_map(y, (size, size))
+    a = abf.att_conv(torch.cat([x, y_up], dim=1))
+    literal = x * a[:, 0:1] + y_up * a[:, 1:2]
+    fused = abf.fuse(x, y)
+    torch.testing.assert_close(fused, literal)
+    w = abf.att_conv[0].weight
+    g = torch.randn_like(literal)
+    for a_, b_ in zip(torch.autograd.grad(fused, [x, y, w], g), torch.autograd.grad(literal, [x, y, w], g)):
+        torch.testing.assert_close(a_, b_)
+
+
 def test_deepest_abf_has_no_fusion_and_maps_to_teacher_channels():
     abf = ABF(8, 4, 6, fuse=False)
     assert abf.att_conv is None

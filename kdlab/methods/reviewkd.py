@@ -89,11 +89,31 @@ class ABF(nn.Module):
         if self.att_conv is not None:
             if residual is None:
                 raise ValueError("a fusing ABF needs the residual of the deeper level")
-            y = resize_map(residual, x.shape[-2:])
-            a = self.att_conv(torch.cat([x, y], dim=1))
-            x = x * a[:, 0:1] + y * a[:, 1:2]
+            x = self.fuse(x, residual)
         x = resize_map(x, out_size)
         return self.conv2(x), x
+
+    def fuse(self, x: Tensor, y: Tensor) -> Tensor:
+        """x * a_0 + up(y) * a_1 with a = sigmoid(conv1x1(cat[x, up(y)]))."""
+        (H, W), (h, w) = x.shape[-2:], y.shape[-2:]
+        if H % h or W % w:  # not an integer enlargement (or a shrink): the literal way
+            y = resize_map(y, (H, W))
+            a = self.att_conv(torch.cat([x, y], dim=1))
+            return x * a[:, 0:1] + y * a[:, 1:2]
+        # Same result without materialising up(y) or the concatenation, the costliest part of
+        # the fusion: a 1x1 conv commutes with nearest upsampling, so the attention logits are
+        # conv(x, W_x) + up(conv(y, W_y)), and up(y) * a_1 is a broadcast over s x s blocks.
+        conv, mid, n = self.att_conv[0], x.shape[1], x.shape[0]
+        sh, sw = H // h, W // w
+
+        def blocks(t: Tensor) -> Tensor:  # (n, c, h, w) -> (n, c, h, 1, w, 1), a view
+            return t[:, :, :, None, :, None]
+
+        y_logits = F.conv2d(y, conv.weight[:, mid:])
+        logits = F.conv2d(x, conv.weight[:, :mid], conv.bias).reshape(n, 2, h, sh, w, sw) + blocks(y_logits)
+        a = torch.sigmoid(logits)
+        y_part = (blocks(y) * a[:, 1:2]).reshape(n, -1, H, W)
+        return torch.addcmul(y_part, x, a[:, 0:1].reshape(n, 1, H, W))
 
 
 @dataclass(frozen=True)
