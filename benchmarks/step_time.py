@@ -15,8 +15,8 @@ random images (data loading is excluded from the step; `--profile` measures it a
   (`kdlab.engine.teacher_cache.TeacherCache.lookup` on a memory-mapped fp16 file of random
   logits: the lookup is included, the teacher is not run).
 
-Modes are interleaved: `--rounds` rounds, each running every mode for steps/rounds steps,
-so a change in machine load hits all modes alike; the table reports the median over all
+Modes are interleaved: by default each round runs one step of every mode (`--rounds`
+groups more steps per round), so a change in machine load hits all modes alike; the table reports the median over all
 timed steps (after `--warmup` untimed steps per mode), images/s, the ratio to the floor
 (median student step + median teacher forward, from the same run) and the ratio to the
 student-alone step. The output is a Markdown table to paste into the README.
@@ -86,7 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads on CPU (default 2)")
     p.add_argument("--steps", type=int, default=12, help="timed steps per mode (default 12)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per mode first (default 2)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds the steps are split into")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="interleaved rounds the steps are split into (default: one step per mode per round)")
     p.add_argument("--methods", default=None, help="comma-separated subset (default: every registered method)")
     p.add_argument("--no-cache", action="store_true", help="skip the teacher-output-cache modes")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
@@ -230,8 +231,9 @@ def warm_up(bench: Bench, modes: list[Mode]) -> tuple[list[Mode], list[str]]:
 
 def run_interleaved(bench: Bench, modes: list[Mode]) -> None:
     args = bench.args
-    per_round = max(1, -(-args.steps // args.rounds))
-    for r in range(args.rounds):
+    rounds = args.rounds or args.steps
+    per_round = max(1, -(-args.steps // rounds))
+    for r in range(rounds):
         for mode in modes:
             for _ in range(per_round):
                 bench.sync()
@@ -239,7 +241,7 @@ def run_interleaved(bench: Bench, modes: list[Mode]) -> None:
                 mode.step()
                 bench.sync()
                 mode.times.append(time.perf_counter() - t0)
-        print(f"  round {r + 1}/{args.rounds} done (load {os.getloadavg()[0]:.2f})", file=sys.stderr)
+        print(f"  round {r + 1}/{rounds} done (load {os.getloadavg()[0]:.2f})", file=sys.stderr)
 
 
 def median_ms(times: list[float]) -> float:
@@ -402,7 +404,7 @@ def machine() -> str:
 def report(args: argparse.Namespace, argv: list[str] | None, bench: Bench, load_before: tuple) -> None:
     modes = build_modes(bench)
     print(f"timing {len(modes)} modes: {args.warmup} warm-up + {args.steps} steps each, "
-          f"{args.rounds} interleaved rounds", file=sys.stderr)
+          f"{args.rounds or args.steps} interleaved rounds", file=sys.stderr)
     modes, skipped = warm_up(bench, modes)
     run_interleaved(bench, modes)
     load_after = os.getloadavg()
