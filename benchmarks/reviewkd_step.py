@@ -65,6 +65,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads on CPU")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--literal", action="store_true",
+                   help="also time ReviewKD with the fusion computed literally (upsample y, concatenate, "
+                        "conv), as in the reference code, to measure kdlab's fused formulation")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -111,11 +114,21 @@ def main() -> None:
 
     kd_step, _ = distiller_step("kd")
     rkd_step, rkd = distiller_step("reviewkd", weight=5.0)
-    results = interleaved_medians(
-        {"student step": student_step, "teacher forward": teacher_forward, "KD step": kd_step,
-         "ReviewKD step": rkd_step},
-        args.steps, args.warmup, device,
-    )
+    fns = {"student step": student_step, "teacher forward": teacher_forward, "KD step": kd_step,
+           "ReviewKD step": rkd_step}
+    if args.literal:
+        from kdlab.methods.reviewkd import ABF, resize_map
+
+        def literal_fuse(abf: ABF, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            y = resize_map(y, x.shape[-2:])
+            a = abf.att_conv(torch.cat([x, y], dim=1))
+            return x * a[:, 0:1] + y * a[:, 1:2]
+
+        literal_step, literal = distiller_step("reviewkd", weight=5.0)
+        for abf in literal.abfs:
+            abf.fuse = literal_fuse.__get__(abf)  # this instance only
+        fns["ReviewKD step, literal fusion"] = literal_step
+    results = interleaved_medians(fns, args.steps, args.warmup, device)
     results["floor (student step + teacher forward)"] = results["student step"] + results["teacher forward"]
 
     abf_params = sum(p.numel() for p in rkd.abfs.parameters())
@@ -125,11 +138,14 @@ def main() -> None:
           + (f", {torch.get_num_threads()} threads" if device.type == "cpu" else "")
           + f", median of {args.steps} steps after {args.warmup} warm-up")
     print(f"ABF parameters {abf_params:,} (student {student_params:,}); mid width {rkd.mid_channels}")
-    for key in ("student step", "teacher forward", "floor (student step + teacher forward)", "KD step", "ReviewKD step"):
+    keys = ["student step", "teacher forward", "floor (student step + teacher forward)", "KD step", "ReviewKD step"]
+    for key in keys + [k for k in results if k not in keys]:
         print(f"  {key:<40s} {results[key]:9.1f} ms")
     print(f"  {'ReviewKD / KD':<40s} {results['ReviewKD step'] / results['KD step']:9.2f}x")
     print(f"  {'ReviewKD / floor':<40s} {results['ReviewKD step'] / results['floor (student step + teacher forward)']:9.2f}x")
     print(f"  {'KD / floor':<40s} {results['KD step'] / results['floor (student step + teacher forward)']:9.2f}x")
+    if args.literal:
+        print(f"  {'ReviewKD literal fusion / KD':<40s} {results['ReviewKD step, literal fusion'] / results['KD step']:9.2f}x")
 
 
 if __name__ == "__main__":

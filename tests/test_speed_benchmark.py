@@ -48,19 +48,22 @@ def test_step_time_table_has_every_mode_and_consistent_ratios(step_time, tmp_pat
     finally:
         torch.set_num_threads(threads)  # the script sets its own
     out = capsys.readouterr().out
-    times = json.loads(raw.read_text())
-    names = list(times)
-    assert names[:2] == [f"student alone ({tiny})", f"teacher forward ({tiny}, no grad)"]
+    raw_times = json.loads(raw.read_text())
+    names = list(raw_times)
+    times = {n: raw_times[n]["times"] for n in names}
+    rounds = {n: raw_times[n]["rounds"] for n in names}
+    student_name, teacher_name = names[:2]
+    assert (student_name, teacher_name) == (f"student alone ({tiny})", f"teacher forward ({tiny}, no grad)")
     assert {"kd", "dkd", "tolerant (no teacher)", "kd from teacher cache", "dkd from teacher cache"} <= set(names)
-    assert all(len(t) == 2 for t in times.values())  # 2 rounds x 1 step
+    assert all(len(t) == 2 and len(rounds[n]) == 2 for n, t in times.items())  # 2 rounds x 1 step
     main_table = out.split("Where the time goes")[0]
     rows = {line.split("|")[1].strip(): line.split("|") for line in main_table.splitlines() if line.startswith("| ")}
-    floor = statistics.median(times[names[0]]) + statistics.median(times[names[1]])
-    kd = statistics.median(times["kd"])
-    assert float(rows["kd"][5]) == pytest.approx(kd / floor, abs=1e-3)
-    student = statistics.median(times[names[0]])
-    cache = statistics.median(times["kd from teacher cache"])
-    assert float(rows["kd from teacher cache"][6]) == pytest.approx(cache / student, abs=1e-3)
+    floor = statistics.median(times[student_name]) + statistics.median(times[teacher_name])
+    assert float(rows["kd"][5]) == pytest.approx(statistics.median(times["kd"]) / floor, abs=1e-3)
+    paired = statistics.median(k / (s + t) for k, s, t in zip(rounds["kd"], rounds[student_name], rounds[teacher_name]))
+    assert float(rows["kd"][6]) == pytest.approx(paired, abs=1e-3)
+    cached = statistics.median(c / s for c, s in zip(rounds["kd from teacher cache"], rounds[student_name]))
+    assert float(rows["kd from teacher cache"][7]) == pytest.approx(cached, abs=1e-3)
     assert rows["kd from teacher cache"][5].strip() == ""  # no teacher: no ratio to the floor
     assert "teacher forward" in out and "data.pipeline=gpu" in out  # the profile tables
 

@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if cfg.teacher is None:
         raise ConfigError("kdlab cache-teacher needs a config with a 'teacher:' section (name and checkpoint)")
-    path = args.out or cfg.teacher.cache or str(Path(cfg.output_dir) / "teacher_cache" / f"{cfg.teacher.name}_{cfg.data.name}")
+    default = Path(cfg.output_dir) / "teacher_cache" / f"{cfg.teacher.name}_{cfg.data.name}"
+    path = args.out or cfg.teacher.cache or str(default)
     out = build_cache(cfg, path, batch_size=args.batch_size, overwrite=args.force, progress=cfg.train.progress)
     size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
     print(f"teacher cache written: {out} ({size:.1f} MiB); train with teacher.cache={out}")

@@ -108,8 +108,9 @@ def expected_meta(cfg: ExperimentConfig, data: DataBundle, spec: ViewSpec) -> di
 
 def train_spec(data: DataBundle) -> ViewSpec:
     """The training set's `ViewSpec`, or a `DataError` when the cache cannot apply to it."""
-    fix = ("the cache does not apply to continuous augmentations: remove teacher.cache "
-           "(or use data.augment=standard)")
+    fix = ("the cache applies only to crop/flip views of uint8 images (cifar10, cifar100, or imagefolder "
+           "with data.transform=cifar; data.augment standard or none), not to continuous augmentations: "
+           "remove teacher.cache")
     spec = dataset_spec(data.train, int(data.input_size[-1]), WHAT, fix)
     base, _ = base_of(data.train)
     check_image_size(uint8_image(base, 0, WHAT).shape, spec, WHAT, "remove teacher.cache")
@@ -227,7 +228,7 @@ class TeacherCache:
         """Refuse (`StaleCacheError`) when the cache was built for something else."""
         meta, hint = self.meta, rebuild_hint(self.path)
         where = f"teacher cache {str(self.path)!r}"
-        if meta["teacher"]["sha256"] != expected["teacher"]["sha256"] or meta["teacher"]["name"] != expected["teacher"]["name"]:
+        if any(meta["teacher"][k] != expected["teacher"][k] for k in ("sha256", "name")):
             raise StaleCacheError(
                 f"{where} is stale: it was built from teacher {meta['teacher']['name']!r} with checkpoint sha256 "
                 f"{meta['teacher']['sha256'][:12]}..., but teacher.checkpoint {expected['teacher']['checkpoint']!r} "

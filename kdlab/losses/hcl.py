@@ -1,5 +1,5 @@
 """Hierarchical context loss of ReviewKD (Chen, Liu, Zhao, Jia, "Distilling Knowledge via
-Knowledge Review", CVPR 2021, arXiv 2104.09044, Sec. 3.3 "hierarchical context loss"). The
+Knowledge Review", CVPR 2021, arXiv 2104.09044, Sec. 3, "hierarchical context loss"). The
 weights and the skipped pooling sizes below follow the authors' code, which the paper's
 description leaves open.
 
@@ -29,7 +29,7 @@ HCL_POOL_SIZES: tuple[int, ...] = (4, 2, 1)
 
 
 def hcl_level(student: Tensor, teacher: Tensor, pool_sizes: Sequence[int] = HCL_POOL_SIZES) -> Tensor:
-    """HCL of one level (ReviewKD Sec. 3.3): full-resolution MSE plus MSEs of average-pooled
+    """HCL of one level (ReviewKD Sec. 3): full-resolution MSE plus MSEs of average-pooled
     maps for each size in `pool_sizes` smaller than the map, weights 1/2, 1/4, ... over the
     sizes used, normalised by the weights' sum. Computed in float32 (or float64)."""
     if student.dim() != 4 or student.shape != teacher.shape:
@@ -70,7 +70,7 @@ def hcl_loss(
     teacher_features: Sequence[Tensor],
     pool_sizes: Sequence[int] = HCL_POOL_SIZES,
 ) -> Tensor:
-    """Hierarchical context loss (ReviewKD Sec. 3.3), summed over levels: the distance D of
+    """Hierarchical context loss (ReviewKD Sec. 3), summed over levels: the distance D of
 the review loss, sum_j D(fused_j, F_t^j).
 
     `student_features[i]` is compared with `teacher_features[i]`; both lists have the same

@@ -61,8 +61,19 @@ def resize_map(x: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(x, size=size, mode="nearest")
 
 
+def conv1x1(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """A 1x1 convolution as a batched matrix product. For the attention's 2 output channels
+    this is much faster than the convolution kernels on CPU (forward and backward), which
+    reorder the whole wide input for a tiny output."""
+    n, c, h, w = x.shape
+    out = torch.bmm(weight.flatten(1).expand(n, -1, -1), x.reshape(n, c, h * w))
+    if bias is not None:
+        out = out + bias[:, None]
+    return out.view(n, -1, h, w)
+
+
 class ABF(nn.Module):
-    """Attention-based fusion of one level (ReviewKD Sec. 3.2, Fig. 3b).
+    """Attention-based fusion ("ABF", ReviewKD paper Sec. 3) of one level.
 
     x = BN(conv1x1(student level)) to `mid` channels; with a deeper residual y (resized to
     x's size), two spatial attention maps a = sigmoid(conv1x1([x, y])) weight the sum
@@ -109,8 +120,8 @@ class ABF(nn.Module):
         def blocks(t: Tensor) -> Tensor:  # (n, c, h, w) -> (n, c, h, 1, w, 1), a view
             return t[:, :, :, None, :, None]
 
-        y_logits = F.conv2d(y, conv.weight[:, mid:])
-        logits = F.conv2d(x, conv.weight[:, :mid], conv.bias).reshape(n, 2, h, sh, w, sw) + blocks(y_logits)
+        y_logits = conv1x1(y, conv.weight[:, mid:])
+        logits = conv1x1(x, conv.weight[:, :mid], conv.bias).reshape(n, 2, h, sh, w, sw) + blocks(y_logits)
         a = torch.sigmoid(logits)
         y_part = (blocks(y) * a[:, 1:2]).reshape(n, -1, H, W)
         return torch.addcmul(y_part, x, a[:, 0:1].reshape(n, 1, H, W))
