@@ -113,6 +113,20 @@ def test_gpu_batches_equal_the_standard_transform_for_their_views(cifar):
     assert torch.equal(vimages[0], data.val[0][0]) and int(vtargets[0]) == data.val[0][1]
 
 
+def test_gpu_loaders_shard_training_and_validation_per_rank(cifar):
+    cfg = DataConfig(name="cifar10", root=str(cifar), batch_size=8)
+    data = build_datasets(cfg, 0)
+    shards = [gpu_loaders(data, cfg, seed=1, device=torch.device("cpu"), num_replicas=2, rank=r) for r in (0, 1)]
+    seen = []
+    for train, _ in shards:
+        train.sampler.set_epoch(3)
+        seen += torch.cat([b[2] for b in train]).tolist()
+    assert sorted(seen) == list(range(40))  # the two ranks split the epoch
+    vals = [torch.cat([b[1] for b in val]) for _, val in shards]
+    assert sum(len(v) for v in vals) == len(data.val) == 10
+    assert torch.equal(next(iter(shards[1][1]))[0][0], data.val[1][0])  # rank 1: images 1, 3, 5, ...
+
+
 def test_gpu_loader_resumes_mid_epoch_with_the_same_batches(cifar):
     cfg = DataConfig(name="cifar10", root=str(cifar), batch_size=8)
     train, _ = gpu_loaders(build_datasets(cfg, 0), cfg, seed=1, device=torch.device("cpu"))

@@ -1,7 +1,6 @@
 """The exact teacher-output cache: built once, looked up per drawn view, refused when stale."""
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np

@@ -123,6 +123,8 @@ def gpu_loaders(data: DataBundle, cfg, seed: int, device: torch.device, *, chann
     train = GpuTrainLoader(x, y, spec, cfg.batch_size, seed, channels_last=channels_last,
                            num_replicas=num_replicas, rank=rank)
     vx, vy = device_images(data.val, device)
+    # Under DDP each rank evaluates its shard rank, rank + world, ... (as ShardSampler does).
+    vx, vy = vx[rank::num_replicas].contiguous(), vy[rank::num_replicas].contiguous()
     val = GpuEvalLoader(vx, vy, val_spec, cfg.eval_batch_size or max(cfg.batch_size, 128),
                         channels_last=channels_last)
     return train, val

@@ -31,7 +31,8 @@ def evaluate(
     model.eval()
     top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro").to(device)
     top5 = MulticlassAccuracy(num_classes=num_classes, top_k=min(5, num_classes), average="micro").to(device)
-    loss_sum, count = 0.0, 0
+    # Sums stay on the device: no host synchronisation per batch.
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, sample count)
     try:
         for batch in loader:
             images, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
@@ -40,17 +41,16 @@ def evaluate(
             with autocast_context(device, amp):
                 logits = model(images)
             logits = logits.float()
-            loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
-            count += targets.numel()
+            sums[0] += F.cross_entropy(logits, targets, reduction="sum")
+            sums[1] += targets.numel()
             top1.update(logits, targets)
             top5.update(logits, targets)
     finally:
         model.train(was_training)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # DDP: each rank saw its shard; torchmetrics' compute() below syncs the accuracies.
-        sums = torch.tensor([loss_sum, float(count)], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(sums)
-        loss_sum, count = sums[0].item(), int(sums[1].item())
+    loss_sum, count = sums.tolist()
     return {
         "top1": 100.0 * top1.compute().item(),
         "top5": 100.0 * top5.compute().item(),
