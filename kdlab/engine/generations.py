@@ -31,6 +31,7 @@ from typing import Any, Iterable, Literal
 import yaml
 from pydantic import Field, NonNegativeInt, PositiveFloat, ValidationError, model_validator
 
+from kdlab.config.compare import run_differences
 from kdlab.config.loader import apply_overrides, config_to_dict, deep_merge, read_yaml, validate_config
 from kdlab.config.schema import ExperimentConfig, StrictModel
 from kdlab.errors import CheckpointError, ConfigError
@@ -297,35 +298,6 @@ def load_chain(path: str | Path | None = None, overrides: Iterable[str] = (), da
 
 
 # ---------------------------------------------------------------------------- running
-# Keys that define what a generation trains; anything else (workers, device, progress bars,
-# data.root, the teacher's path spelling) may change between an interruption and a resume.
-_VOLATILE = {
-    "data": {"root", "num_workers", "pin_memory", "persistent_workers", "eval_batch_size"},
-    "train": {"device", "progress", "tensorboard", "save_every", "eval_every", "compile", "channels_last",
-              "deterministic", "nonfinite", "max_skipped", "amp"},
-    "teacher": {"checkpoint"},
-}
-
-
-def _identity(cfg: dict) -> dict:
-    out = {}
-    for section in ("model", "teacher", "method", "data", "optim", "schedule", "train"):
-        value = cfg.get(section)
-        if isinstance(value, dict):
-            value = {k: v for k, v in value.items() if k not in _VOLATILE.get(section, set())}
-        out[section] = value
-    return out
-
-
-def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        diffs = []
-        for key in sorted(set(a) | set(b)):
-            diffs += _differences(a.get(key), b.get(key), f"{prefix}{key}.")
-        return diffs
-    return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} -> {b!r}"]
-
-
 def check_run_dir(chain: Chain, m: int) -> bool:
     """True when generation m is finished. Raises when its folder holds a different run, or when
     its teacher changed after it was trained (the chain would no longer be a chain)."""
@@ -336,7 +308,7 @@ def check_run_dir(chain: Chain, m: int) -> bool:
             old = yaml.safe_load(saved.read_text()) or {}
         except yaml.YAMLError:
             old = {}
-        diffs = _differences(_identity(old), _identity(config_to_dict(chain.configs[m])))
+        diffs = run_differences(old, config_to_dict(chain.configs[m]))
         if diffs:
             raise ConfigError(
                 f"{run_dir} holds generation {m} trained with another config ({'; '.join(diffs[:4])}); "

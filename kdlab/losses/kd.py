@@ -1,7 +1,6 @@
 """Hinton knowledge distillation loss."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

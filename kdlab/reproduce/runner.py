@@ -27,19 +27,10 @@ from typing import Any, Iterable, Sequence
 import yaml
 
 from kdlab.errors import KDLabError
+from kdlab.config.compare import run_differences
 from kdlab.reproduce.table import Row, load_rows
 
 log = logging.getLogger("kdlab")
-
-# Settings that may differ between a finished run and the current request without making it
-# another experiment (where the data lives, how fast, how it is logged).
-_VOLATILE = {
-    "data": {"root", "num_workers", "pin_memory", "persistent_workers", "eval_batch_size", "pipeline"},
-    "train": {"device", "progress", "tensorboard", "save_every", "eval_every", "compile", "channels_last",
-              "deterministic", "nonfinite", "max_skipped", "amp"},
-    "teacher": {"checkpoint", "cache"},
-}
-
 
 def repo_root(explicit: str | Path | None = None) -> Path:
     """Where the rows' `configs/...` paths are resolved: `explicit`, else the current folder
@@ -69,25 +60,6 @@ def is_chain_file(path: Path) -> bool:
     return isinstance(data, dict) and "experiment" in data
 
 
-def _identity(cfg: dict) -> dict:
-    out = {}
-    for section in ("model", "teacher", "method", "data", "optim", "schedule", "train"):
-        value = cfg.get(section)
-        if isinstance(value, dict):
-            value = {k: v for k, v in value.items() if k not in _VOLATILE.get(section, set())}
-        out[section] = value
-    return out
-
-
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out: list[str] = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} -> {b!r}"]
-
-
 def folder_conflict(run_dir: Path, cfg: Any) -> str | None:
     """A problem message when `run_dir` already holds a run of another config, else None."""
     from kdlab.config.loader import config_to_dict
@@ -99,7 +71,7 @@ def folder_conflict(run_dir: Path, cfg: Any) -> str | None:
         old = yaml.safe_load(saved.read_text()) or {}
     except yaml.YAMLError:
         return None
-    diffs = _diff(_identity(old), _identity(config_to_dict(cfg)))
+    diffs = run_differences(old, config_to_dict(cfg))
     if not diffs:
         return None
     return (f"{run_dir} already holds a run of another config ({'; '.join(diffs[:3])}); "
