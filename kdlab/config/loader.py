@@ -31,20 +31,32 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
-    """Read a config file and the `base:` files it extends, merged (the file wins)."""
+def load_yaml_mapping(path: str | Path, _seen: tuple[Path, ...] = (), *, kind: str = "config",
+                      shape: str = "a mapping of sections") -> tuple[dict, Path]:
+    """Parse one YAML file that must hold a mapping; every failure is one `ConfigError`.
+
+    `_seen` holds the resolved paths of the files that led here through `base:`, so a
+    loop is reported instead of recursing forever. Returns the mapping and the resolved path.
+    """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist; pass the path to a YAML file")
+        raise ConfigError(f"{kind} file {str(path)!r} does not exist; pass the path to a YAML file")
     resolved = path.resolve()
     if resolved in _seen:
-        raise ConfigError(f"config 'base:' chain loops back to {str(path)!r}")
+        raise ConfigError(f"{kind} 'base:' chain loops back to {str(path)!r}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(f"{path}: the top level must be {shape}, got {type(data).__name__}")
+    return data, resolved
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """Read a config file and the `base:` files it extends, merged (the file wins)."""
+    path = Path(path)
+    data, resolved = load_yaml_mapping(path, _seen)
     bases = data.pop("base", None) or []
     if isinstance(bases, str):
         bases = [bases]

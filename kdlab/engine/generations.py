@@ -32,7 +32,9 @@ import yaml
 from pydantic import Field, NonNegativeInt, PositiveFloat, ValidationError, model_validator
 
 from kdlab.config.compare import run_differences
-from kdlab.config.loader import apply_overrides, config_to_dict, deep_merge, read_yaml, validate_config
+from kdlab.config.loader import (
+    apply_overrides, config_to_dict, deep_merge, load_yaml_mapping, read_yaml, validate_config,
+)
 from kdlab.config.schema import ExperimentConfig, StrictModel
 from kdlab.errors import CheckpointError, ConfigError
 from kdlab.losses.tolerant import check_eta
@@ -181,17 +183,8 @@ def read_chain_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     """Read a chain file with its top-level `base:` files and `experiment.base:` files, each
     resolved relative to the file that names it (the file wins over its bases)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"chain config {str(path)!r} does not exist; pass the path to a YAML file")
-    resolved = path.resolve()
-    if resolved in _seen:
-        raise ConfigError(f"chain config 'base:' chain loops back to {str(path)!r}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping with 'experiment:' and 'chain:'")
+    data, resolved = load_yaml_mapping(path, _seen, kind="chain config",
+                                       shape="a mapping with 'experiment:' and 'chain:'")
     bases = data.pop("base", None) or []
     exp = data.get("experiment")
     if isinstance(exp, dict) and exp.get("base"):
