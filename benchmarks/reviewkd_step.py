@@ -3,12 +3,12 @@
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/reviewkd_step.py            # CPU, 2 threads
     .venv/bin/python benchmarks/reviewkd_step.py --device cuda --steps 50
 
-One "step" is what the trainer does per batch, without data loading: forward, loss, backward,
-SGD update. Timed on one fixed random batch (default resnet32x4 -> resnet8x4, 100 classes,
+One "step" is what the trainer does per batch, without data loading: `kdlab.engine.step.TrainStep`,
+the trainer's own step object (forward, loss terms, non-finite guard, backward, fused SGD update). Timed on one fixed random batch (default resnet32x4 -> resnet8x4, 100 classes,
 batch 64, 32x32), median over `--steps` steps after `--warmup` untimed ones; the four
 workloads take turns, one step each per round, so load changes hit them alike:
 
-    student step      student forward + CE + backward + update (no teacher)
+    student step      the `vanilla` method: student forward + CE + backward + update (no teacher)
     teacher forward   the teacher's forward without gradients (eval mode)
     floor             student step + teacher forward: the least any distillation step costs
     KD step           kdlab's `kd` method (teacher forward inside the step)
@@ -27,8 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kdlab.losses import cross_entropy  # noqa: E402
+from kdlab.config.schema import OptimConfig  # noqa: E402
+from kdlab.engine.step import TrainStep  # noqa: E402
 from kdlab.methods import method_class  # noqa: E402
+from kdlab.methods.base import Batch  # noqa: E402
 from kdlab.models import create_model  # noqa: E402
 
 
@@ -81,17 +83,8 @@ def main() -> None:
         torch.manual_seed(1)
         return create_model(args.student, args.classes).to(device).train()
 
-    def optimizer(params) -> torch.optim.Optimizer:
-        return torch.optim.SGD(list(params), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
-
-    student = fresh_student()
-    opt = optimizer(student.parameters())
-
-    def student_step() -> None:
-        loss = cross_entropy(student(images), targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    optim = OptimConfig(lr=0.01, nesterov=True)  # the ReviewKD recipe's SGD
+    batch = Batch(images, targets, torch.arange(args.batch, device=device))
 
     @torch.no_grad()
     def teacher_forward() -> None:
@@ -99,19 +92,16 @@ def main() -> None:
 
     def distiller_step(name: str, **method) -> tuple[Callable[[], None], torch.nn.Module]:
         cls = method_class(name)
-        d = cls(fresh_student(), teacher, cls.Config(**method), input_size=(3, args.size, args.size),
+        d = cls(fresh_student(), teacher if cls.requires_teacher else None, cls.Config(**method), input_size=(3, args.size, args.size),
                 num_classes=args.classes).to(device).train()
-        o = optimizer(d.trainable_parameters())
+        train_step = TrainStep.for_distiller(d, optim, device)
 
         def step() -> None:
-            out = d(images, targets, epoch=100)
-            loss = sum(out.losses.values())
-            o.zero_grad(set_to_none=True)
-            loss.backward()
-            o.step()
+            train_step(batch, 100)
 
         return step, d
 
+    student_step, _ = distiller_step("vanilla")
     kd_step, _ = distiller_step("kd")
     rkd_step, rkd = distiller_step("reviewkd", weight=5.0)
     fns = {"student step": student_step, "teacher forward": teacher_forward, "KD step": kd_step,

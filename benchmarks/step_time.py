@@ -9,8 +9,9 @@ random images (data loading is excluded from the step; `--profile` measures it a
 
 - the student alone (the `vanilla` method), the teacher forward alone (eval, no grad);
 - every registered method that trains a student (`kdlab.methods.list_methods()`, so methods
-  added later are included), with the same SGD optimiser as the recipes, through the same
-  `Distiller` call the trainer makes (`distiller(images, targets, epoch=...)`);
+  added later are included), each step being `kdlab.engine.step.TrainStep`, the very object
+  `kdlab train` runs per batch (forward under autocast, loss terms, the on-device non-finite
+  guard, gradient scaler under fp16, backward, the recipes' fused SGD step);
 - the logit-only methods (KD, DKD, generation) fed from a teacher-output cache
   (`kdlab.engine.teacher_cache.TeacherCache.lookup` on a memory-mapped fp16 file of random
   logits: the lookup is included, the teacher is not run).
@@ -65,10 +66,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
+from kdlab.config.schema import OptimConfig  # noqa: E402
+from kdlab.engine.step import TrainStep  # noqa: E402
 from kdlab.methods import list_methods, method_class  # noqa: E402
+from kdlab.methods.base import Batch, SetupContext  # noqa: E402
 from kdlab.models import create_model  # noqa: E402
 
 EPOCH = 50  # past every method's loss warm-up, so each step does its full work
+OPTIM = OptimConfig(lr=0.01)  # the recipes' SGD (momentum 0.9, weight decay 5e-4), fused like the trainer's
 
 
 @dataclass
@@ -88,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--classes", type=int, default=100)
     p.add_argument("--size", type=int, default=32, help="input side (default 32: CIFAR)")
+    p.add_argument("--dataset-size", type=int, default=50000,
+                   help="training-set size the methods are set up for (memory banks; default 50000: CIFAR)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads on CPU (default 2)")
     p.add_argument("--steps", type=int, default=12, help="timed steps per mode (default 12)")
@@ -117,6 +124,7 @@ class Bench:
         g = torch.Generator().manual_seed(0)
         self.images = torch.randn(args.batch, 3, args.size, args.size, generator=g).to(self.device)
         self.targets = torch.randint(0, args.classes, (args.batch,), generator=g).to(self.device)
+        self.indices = torch.randperm(args.dataset_size, generator=g)[:args.batch].to(self.device)
         if args.channels_last:
             self.images = self.images.contiguous(memory_format=torch.channels_last)
         self.teacher = self._net(args.teacher).eval().requires_grad_(False)
@@ -143,23 +151,25 @@ class Bench:
         d = d.to(self.device).train()
         if self.args.channels_last:
             d = d.to(memory_format=torch.channels_last)
+        # What the trainer hands every method before training (memory banks are sized here).
+        d.setup(SetupContext(train_set=range(self.args.dataset_size), num_train_samples=self.args.dataset_size,
+                             num_classes=self.args.classes, data_cfg=None, seed=0, device=self.device, run_dir=None))
         return d
 
+    def batch(self) -> Batch:
+        return Batch(self.images, self.targets, self.indices)
+
     def train_step(self, distiller, teacher_logits: Callable[[], torch.Tensor] | None = None) -> Callable[[], None]:
-        """The trainer's step: forward under autocast, summed losses, zero_grad, backward, SGD."""
-        opt = torch.optim.SGD(list(distiller.trainable_parameters()), lr=0.01, momentum=0.9, weight_decay=5e-4)
-        call = torch.compile(distiller) if self.args.compile else distiller
+        """The trainer's own step (`TrainStep`), on this fixed batch."""
+        step = TrainStep.for_distiller(distiller, OPTIM, self.device, self.args.amp, compile=self.args.compile)
 
-        def step() -> None:
-            extra = {"teacher_logits": teacher_logits()} if teacher_logits is not None else {}
-            with self.autocast():
-                out = call(self.images, self.targets, epoch=EPOCH, **extra)
-            loss = sum(out.losses.values())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        def run() -> None:
+            batch = self.batch()
+            if teacher_logits is not None:
+                batch.teacher_logits = teacher_logits()
+            step(batch, EPOCH)
 
-        return step
+        return run
 
     def teacher_step(self) -> Callable[[], None]:
         teacher = torch.compile(self.teacher) if self.args.compile else self.teacher
@@ -205,7 +215,7 @@ def build_modes(bench: Bench) -> list[Mode]:
         kind = "method" if cls.requires_teacher else "nonteacher"
         label = name if cls.requires_teacher else f"{name} (no teacher)"
         modes.append(Mode(label, kind, bench.train_step(bench.distiller(name))))
-        if cls.requires_teacher and cls.logits_only and not args.no_cache:
+        if cls.requires_teacher and not cls.needs_teacher_features and not args.no_cache:
             cached.append(name)
     if cached:
         lookup = bench.cache_lookup()
@@ -322,44 +332,51 @@ class SectionTimer:
 
 
 def profile_method(bench: Bench, name: str, steps: int) -> dict[str, float]:
-    """ms of teacher forward, student forward, loss and extras, backward and SGD step, in the
-    fastest of `steps` steps: other processes' load only ever adds time, so the fastest step
-    is the least disturbed one, and its parts add up to its total."""
+    """ms of teacher forward, student forward, loss and extras, backward and optimizer step in
+    the fastest of `steps` runs of the trainer's own `TrainStep`: hooks time the forward
+    passes and the optimizer step, and backward is the rest of the step. Other processes'
+    load only ever adds time, so the fastest step is the least disturbed one, and its parts
+    add up to its total."""
     cls = method_class(name)
     d = bench.distiller(name)
-    opt = torch.optim.SGD(list(d.trainable_parameters()), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    step = TrainStep.for_distiller(d, OPTIM, bench.device, bench.args.amp)
     teacher_t = SectionTimer(bench.teacher, bench) if cls.requires_teacher else None
     student_t = SectionTimer(d.student, bench)
+    forward_t = SectionTimer(d, bench)
+    opt_time = {"t": 0.0}
+    plain_step = step.optimizer.step
+
+    def timed_step(*a, **k):
+        bench.sync()
+        t0 = time.perf_counter()
+        out = plain_step(*a, **k)
+        bench.sync()
+        opt_time["t"] += time.perf_counter() - t0
+        return out
+
+    step.optimizer.step = timed_step  # this instance only
     rows: dict[str, list[float]] = {k: [] for k in ("teacher forward", "student forward", "loss and extras",
                                                     "backward", "optimizer step", "total")}
     for i in range(steps + bench.args.warmup):
-        if teacher_t:
-            teacher_t.total = 0.0
-        student_t.total = 0.0
+        for timer in (teacher_t, student_t, forward_t):
+            if timer:
+                timer.total = 0.0
+        opt_time["t"] = 0.0
         bench.sync()
         t0 = time.perf_counter()
-        with bench.autocast():
-            out = d(bench.images, bench.targets, epoch=EPOCH)
-        loss = sum(out.losses.values())
+        step(bench.batch(), EPOCH)
         bench.sync()
-        t1 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        bench.sync()
-        t2 = time.perf_counter()
-        opt.step()
-        bench.sync()
-        t3 = time.perf_counter()
+        total = time.perf_counter() - t0
         if i < bench.args.warmup:
             continue
         tt = teacher_t.total if teacher_t else 0.0
         rows["teacher forward"].append(tt)
         rows["student forward"].append(student_t.total)
-        rows["loss and extras"].append(t1 - t0 - tt - student_t.total)
-        rows["backward"].append(t2 - t1)
-        rows["optimizer step"].append(t3 - t2)
-        rows["total"].append(t3 - t0)
-    for timer in (teacher_t, student_t):
+        rows["loss and extras"].append(forward_t.total - tt - student_t.total)
+        rows["optimizer step"].append(opt_time["t"])
+        rows["backward"].append(total - forward_t.total - opt_time["t"])
+        rows["total"].append(total)
+    for timer in (teacher_t, student_t, forward_t):
         if timer:
             timer.remove()  # the teacher is shared with the next method's profile
     best = int(np.argmin(rows["total"]))

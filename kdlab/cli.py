@@ -13,6 +13,9 @@ import os
 import pkgutil
 import sys
 
+import kdlab.commands
+from kdlab.errors import KDLabError
+
 DESCRIPTION = """\
 kdlab: knowledge distillation for image classifiers.
 
@@ -28,6 +31,7 @@ examples:
   kdlab train configs/cifar100/dkd/resnet32x4_resnet8x4.yaml \\
         teacher.checkpoint=runs/resnet32x4/best.pt train.epochs=240
   kdlab train CONFIG --resume                        # continue an interrupted run
+  kdlab train CONFIG --overwrite                     # replace the earlier run in that folder
   kdlab eval runs/dkd_resnet32x4_resnet8x4/best.pt
   kdlab cache-teacher CONFIG teacher.cache=PATH      # teacher logits of every crop/flip view, once
 
@@ -36,9 +40,7 @@ examples:
 
 
 def _commands():
-    import kdlab.commands as pkg
-
-    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
+    for info in sorted(pkgutil.iter_modules(kdlab.commands.__path__), key=lambda i: i.name):
         if not info.name.startswith("_"):
             yield importlib.import_module(f"kdlab.commands.{info.name}")
 
@@ -60,8 +62,6 @@ def setup_logging(quiet: bool = False) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kdlab.errors import KDLabError
-
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # `kdlab train CFG --resume a.b=1`: argparse stops collecting the positional overrides at

@@ -6,6 +6,7 @@ the valid names and suggests the closest one, so a typo in a config is a one-lin
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 from typing import Callable, Generic, Iterator, TypeVar
 
@@ -45,6 +46,27 @@ class Registry(Generic[T]):
 
     def add(self, name: str, obj: T) -> T:
         return self.register(name)(obj)
+
+    def unregister(self, name: str) -> T:
+        """Remove the entry `name` and return it (`UnknownNameError` if there is none)."""
+        obj = self.get(name)
+        del self._entries[name]
+        return obj
+
+    @contextlib.contextmanager
+    def registered(self, name: str, obj: T) -> Iterator[T]:
+        """Register `obj` as `name` for the duration of a `with` block (tests, temporary plugins).
+
+        Re-entrant: if `obj` is already registered as `name`, it stays registered afterwards;
+        otherwise it is removed on exit, so nothing leaks into later lookups. Registering a
+        different object under a taken name is the usual `ValueError`."""
+        added = name not in self._entries
+        self.add(name, obj)
+        try:
+            yield obj
+        finally:
+            if added and self._entries.get(name) is obj:
+                del self._entries[name]
 
     def get(self, name: str) -> T:
         try:

@@ -9,6 +9,23 @@ import torch
 # and with two threads each the workers' OpenMP spin-waits make convolutions ~10x slower.
 torch.set_num_threads(1)
 
+CUDA = torch.cuda.is_available()
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "cuda: the CUDA instance of a device-parametrised test (skipped, and counted, without "
+        "CUDA; `pytest -m cuda` runs only these, as benchmarks/gpu_check does)")
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="CUDA is not available here")])])
+def device(request) -> str:
+    """The device a test trains on: 'cpu', and 'cuda' where a GPU is present. For the tests of
+    the CUDA paths (AMP, channels-last, compile, the GPU pipeline, the teacher cache) that were
+    written on CPU: where CUDA exists they run there too."""
+    return request.param
+
 
 def tiny_config(tmp_path, **sections) -> dict:
     """A raw config dict for a 1-epoch digits run in `tmp_path` (sections override)."""

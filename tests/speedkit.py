@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from kdlab.engine.checkpoint import FORMAT, VERSION
+from kdlab.engine.checkpoint import Checkpoint
 from kdlab.models import MODELS
 from kdlab.models.features import FeatureClassifier, Features
 
@@ -44,13 +44,8 @@ def _tiny(num_classes: int = 10, **kwargs) -> TinyNet:
 
 @contextlib.contextmanager
 def tiny_model_registered():
-    added = TINY not in MODELS._entries  # re-entrant: only the outermost block removes it
-    MODELS._entries[TINY] = _tiny
-    try:
+    with MODELS.registered(TINY, _tiny):  # re-entrant: only the outermost block removes it
         yield TINY
-    finally:
-        if added:
-            MODELS._entries.pop(TINY, None)
 
 
 def write_teacher(path: Path, name: str = TINY, num_classes: int = 10, seed: int = 0) -> Path:
@@ -59,7 +54,5 @@ def write_teacher(path: Path, name: str = TINY, num_classes: int = 10, seed: int
     torch.manual_seed(seed)
     model = create_model(name, num_classes=num_classes)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": FORMAT, "version": VERSION,
-                "model": {"name": name, "num_classes": num_classes, "kwargs": {}},
-                "model_state": model.state_dict()}, path)
+    Checkpoint.for_model(model, name, num_classes).save(path)
     return path

@@ -92,13 +92,12 @@ def test_plot_curves_overlays_runs(tmp_path):
 
 def _fake_checkpoint(path, model_name, seed, cfg):
     """A checkpoint in the trainer's format for a randomly initialised model (no training)."""
-    from kdlab.engine.checkpoint import FORMAT, VERSION
+    from kdlab.engine.checkpoint import Checkpoint
     from kdlab.models import create_model
 
     torch.manual_seed(seed)
     model = create_model(model_name, num_classes=10)
-    torch.save({"format": FORMAT, "version": VERSION, "model": {"name": model_name, "num_classes": 10, "kwargs": {}},
-                "model_state": model.state_dict(), "method": cfg["method"]["name"], "epoch": 1, "config": cfg}, path)
+    Checkpoint.for_model(model, model_name, 10, method=cfg["method"]["name"], epoch=1, config=cfg).save(path)
     return path
 
 
@@ -133,12 +132,11 @@ def test_analyze_report(make_config, tmp_path, capsys):
         assert f"({name})" in report
     assert "<img src='reliability.png'" in (out / "report.html").read_text()
     # A teacher of another class count is refused with one clear message.
-    other = _fake_checkpoint(tmp_path / "o.pt", "resnet8", 3, cfg)
-    ck = torch.load(other, weights_only=True)
-    ck["model"]["num_classes"] = 100
-    ck["model_state"] = __import__("kdlab.models", fromlist=["create_model"]).create_model(
-        "resnet8", num_classes=100).state_dict()
-    torch.save(ck, other)
+    from kdlab.engine.checkpoint import Checkpoint
+    from kdlab.models import create_model
+
+    other = tmp_path / "o.pt"
+    Checkpoint.for_model(create_model("resnet8", num_classes=100), "resnet8", 100, config=cfg).save(other)
     assert main(["analyze", "--teacher", str(other), "--student", str(student), "--out", str(out)]) == 2
     assert "100 classes" in capsys.readouterr().err
 

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from kdlab.cli import build_parser, main
-from kdlab.commands.demo import demo_configs
-from kdlab.config import load_config
+from kdlab.commands.demo import MARKER, demo_steps
+from kdlab.config import config_to_dict, load_config
+from kdlab.generations import load_chain
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,31 +38,86 @@ def test_every_registered_command_has_help():
         assert p.description, f"kdlab {name} has no description"
 
 
-def test_digits_config_files_match_the_demo(tmp_path):
-    files = ["teacher.yaml", "student_alone.yaml", "kd.yaml"]
-    for file, raw in zip(files, demo_configs(str(tmp_path))):
-        from_file = load_config(ROOT / "configs" / "digits" / file).model_dump()
-        embedded = load_config(data=raw).model_dump()
-        for cfg in (from_file, embedded):
-            cfg.pop("output_dir")
-            cfg["train"].update(device="auto", progress=True, tensorboard=True)
-            if cfg.get("teacher"):
-                cfg["teacher"]["checkpoint"] = Path(cfg["teacher"]["checkpoint"]).name
-        assert from_file == embedded, file
+def _comparable(cfg) -> dict:
+    """A validated experiment config without what the demo sets per invocation (output folder,
+    device, progress bars, TensorBoard) and with teacher checkpoints reduced to <run>/<file>."""
+    out = config_to_dict(cfg)
+    out.pop("output_dir")
+    out["train"].update(device="auto", progress=True, tensorboard=True)
+    if out.get("teacher"):
+        path = Path(out["teacher"]["checkpoint"])
+        out["teacher"]["checkpoint"] = f"{path.parent.name}/{path.name}"
+    return out
 
 
+def test_digits_config_files_are_the_demo_s_experiments(tmp_path):
+    steps = demo_steps(str(tmp_path))
+    assert {s.file for s in steps} == {p.name for p in (ROOT / "configs" / "digits").glob("*.yaml")}
+    for step in steps:
+        path = ROOT / "configs" / "digits" / step.file
+        if step.chain:
+            from_file, embedded = load_chain(path), load_chain(data=step.raw)
+            assert from_file.name == embedded.name and from_file.settings == embedded.settings, step.file
+            pairs = list(zip(from_file.configs, embedded.configs))
+            assert len(pairs) == 3, step.file  # a patriarch and two generations
+        else:
+            pairs = [(load_config(path), load_config(data=step.raw))]
+        for a, b in pairs:
+            assert _comparable(a) == _comparable(b), step.file
+
+
+ROWS = ["teacher (resnet20", "student alone", "KD", "DKD", "ReviewKD",
+        "tolerant D(0.6, 0.6): patriarch", "tolerant D(0.6, 0.6): generation 1",
+        "tolerant D(0.6, 0.6): generation 2", "strict D(1.0, 0.6): patriarch",
+        "strict D(1.0, 0.6): generation 1", "strict D(1.0, 0.6): generation 2"]
+
+
+def _table(out: str) -> dict[str, list[str]]:
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| ")]
+    return {r[0]: r[1:] for r in rows[1:]}
+
+
+@pytest.mark.slow
 def test_demo_end_to_end_small(tmp_path, capsys):
-    assert main(["-q", "demo", "--output-dir", str(tmp_path / "demo"), "--scale", "0.1", "--device", "cpu"]) == 0
-    out = capsys.readouterr().out
-    assert "teacher (resnet20" in out and "student + KD" in out and "top-1 last" in out
-    for run in ("digits_teacher_resnet20", "digits_student_resnet8", "digits_kd_resnet20_resnet8"):
-        assert (tmp_path / "demo" / run / "result.json").is_file()
-    # and eval reproduces the teacher's logged accuracy from its checkpoint
-    ckpt = tmp_path / "demo" / "digits_teacher_resnet20" / "last.pt"
+    """Every run of the demo for one epoch (--scale 0.03): the table, the figure, the run folders;
+    then the demo again into the same folder: it replaces the first and gives the same numbers."""
+    out_dir, figure = tmp_path / "demo", tmp_path / "img" / "demo.png"
+    argv = ["-q", "demo", "--output-dir", str(out_dir), "--figure", str(figure), "--scale", "0.03", "--device", "cpu"]
+    assert main(argv) == 0
+    first = capsys.readouterr()
+    table = _table(first.out)
+    assert [label[:len(want)] for label, want in zip(table, ROWS)] == ROWS
+    assert table["KD"][0] == "kd" and table["ReviewKD"][0] == "reviewkd"
+    assert table["strict D(1.0, 0.6): generation 2"][0] == "generation"
+    alone = float(table["student alone (resnet8, 200 digits)"][1])
+    assert float(table["DKD"][3]) == pytest.approx(float(table["DKD"][1]) - alone, abs=0.011)  # the gain column
+    assert f"figure: {figure}" in first.out
+    png = figure.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    for run in ("digits_teacher_resnet20", "digits_student_resnet8", "digits_kd_resnet20_resnet8",
+                "digits_dkd_resnet20_resnet8", "digits_reviewkd_resnet20_resnet8",
+                "digits_chain_tolerant_resnet8/gen2", "digits_chain_strict_resnet8/gen2"):
+        assert (out_dir / run / "result.json").is_file(), run
+    # eval reproduces the teacher's logged accuracy from its checkpoint
+    ckpt = out_dir / "digits_teacher_resnet20" / "last.pt"
     assert main(["eval", str(ckpt), "--device", "cpu"]) == 0
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    logged = json.loads((tmp_path / "demo" / "digits_teacher_resnet20" / "result.json").read_text())
+    logged = json.loads((out_dir / "digits_teacher_resnet20" / "result.json").read_text())
     assert got["top1"] == pytest.approx(logged["last_top1"], abs=1e-6)
+
+    assert main(argv) == 0  # again: the earlier demo is replaced, not refused, and nothing changes
+    second = capsys.readouterr()
+    assert "replacing the earlier demo" in second.err
+    strip_time = lambda t: {k: v[:-1] for k, v in t.items()}  # noqa: E731
+    assert strip_time(_table(second.out)) == strip_time(table)
+    assert figure.read_bytes() == png
+
+
+def test_demo_refuses_a_folder_it_did_not_write(tmp_path, capsys):
+    (tmp_path / "digits_student_resnet8").mkdir()
+    assert main(["demo", "--output-dir", str(tmp_path), "--scale", "0.03", "--device", "cpu"]) == 2
+    assert "not written by 'kdlab demo'" in capsys.readouterr().err
+    assert not (tmp_path / MARKER).exists() and not (tmp_path / "digits_teacher_resnet20").exists()
 
 
 def test_overrides_after_an_option_are_still_overrides(tmp_path, monkeypatch):

@@ -26,14 +26,12 @@ CUSTOM = Path(__file__).with_name("custom_nets.py")
 
 
 def _write_setup(tmp_path: Path) -> Path:
-    from kdlab.engine.checkpoint import FORMAT, VERSION, atomic_save
+    from kdlab.engine.checkpoint import Checkpoint
     from kdlab.models import create_model
 
     torch.manual_seed(123)
     teacher = create_model(f"py:{CUSTOM}:small_net", num_classes=10, width=16)
-    atomic_save({"format": FORMAT, "version": VERSION,
-                 "model": {"name": f"py:{CUSTOM}:small_net", "num_classes": 10, "kwargs": {"width": 16}},
-                 "model_state": teacher.state_dict()}, tmp_path / "teacher.pt")
+    Checkpoint.for_model(teacher, f"py:{CUSTOM}:small_net", 10, {"width": 16}).save(tmp_path / "teacher.pt")
     cfg = tmp_path / "ddp.yaml"
     cfg.write_text(f"""
 output_dir: {tmp_path / 'runs'}
@@ -59,6 +57,7 @@ def test_torchrun_two_cpu_processes_match_one_process(tmp_path):
     assert proc.stdout.count("last top1") == 1, "only rank 0 reports"
 
     from kdlab.config import load_config
+    from kdlab.engine.checkpoint import Checkpoint
     from kdlab.engine.trainer import Trainer
 
     Trainer(load_config(cfg_path, ["name=single", "train.tensorboard=false"])).fit()
@@ -69,15 +68,15 @@ def test_torchrun_two_cpu_processes_match_one_process(tmp_path):
     assert [r["epoch"] for r in lines] == [1, 2]
     assert len(list((ddp_dir / "tb").glob("events.out.tfevents.*"))) == 1
 
-    ddp = torch.load(ddp_dir / "last.pt", weights_only=True)["model_state"]
-    one = torch.load(one_dir / "last.pt", weights_only=True)["model_state"]
-    epoch1 = torch.load(one_dir / "epoch_1.pt", weights_only=True)["model_state"]
+    ddp = Checkpoint.load(ddp_dir / "last.pt").model_state
+    one = Checkpoint.load(one_dir / "last.pt").model_state
+    epoch1 = Checkpoint.load(one_dir / "epoch_1.pt").model_state
     gap = max((ddp[k] - one[k]).abs().max().item() for k in one)
     step = max((one[k] - epoch1[k]).abs().max().item() for k in one)
     assert gap < 1e-4, f"2-process weights differ from 1-process weights by {gap}"
     assert step > 100 * gap, "the comparison is not vacuous: epoch 2 alone moved the weights far more"
-    ddp_hist = torch.load(ddp_dir / "last.pt", weights_only=True)["history"]
-    one_hist = torch.load(one_dir / "last.pt", weights_only=True)["history"]
+    ddp_hist = Checkpoint.load(ddp_dir / "last.pt").history
+    one_hist = Checkpoint.load(one_dir / "last.pt").history
     for a, b in zip(ddp_hist, one_hist, strict=True):
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-4)
         assert a["train/kd"] == pytest.approx(b["train/kd"], rel=1e-4)

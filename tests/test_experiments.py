@@ -12,11 +12,12 @@ import pytest
 import torch
 import yaml
 
+from kdlab.methods.base import Batch, SetupContext
 from kdlab.config import load_config
 from kdlab.data import build_datasets
-from kdlab.engine.sampling import SeededDataset
+from kdlab.data.sampling import SeededDataset
 from kdlab.errors import DataError, TrainingError
-from kdlab.experiments.noise import LABELS_NAME, RECORD_NAME, label_hash, write_noise_record
+from kdlab.data.noise_record import LABELS_NAME, RECORD_NAME, label_hash, write_noise_record
 from kdlab.experiments.results import (
     find_runs,
     format_csv,
@@ -139,7 +140,7 @@ def test_batch_split_applies_nckd_to_exactly_half():
 
     d = _split_distiller(split="batch", half="top")
     x, y = torch.randn(10, 6), torch.randint(0, 5, (10,))
-    out = d(x, y, epoch=1)
+    out = d(Batch(x, y), 1)
     t_logits, s_logits = d.teacher(x), d.student(x)
     mask = select_fraction(target_confidence(t_logits, y), 0.5, "top")
     assert int(mask.sum()) == 5
@@ -149,7 +150,7 @@ def test_batch_split_applies_nckd_to_exactly_half():
     assert out.stats["nckd_share"].item() == 0.5
     # The chosen half has the higher teacher confidence.
     assert out.stats["selected_conf"].item() >= out.stats["teacher_conf"].item()
-    sel = _split_distiller(split="batch", normalize="selected", tckd="selected")(x, y, epoch=1)
+    sel = _split_distiller(split="batch", normalize="selected", tckd="selected")(Batch(x, y), 1)
     assert sel.losses["nckd"].item() == pytest.approx(out.losses["nckd"].item() * 2, rel=1e-5)
     assert "tckd" in sel.losses
 
@@ -169,10 +170,11 @@ def test_global_split_ranks_the_training_set_once(tmp_path):
     from kdlab.config.schema import DataConfig
 
     d = _split_distiller(split="global", half="bottom", rank_view="augmented")
-    assert d.needs_indices
+    assert d.needs_sample_indices
     x, y = torch.randn(20, 6), torch.randint(0, 5, (20,))
     data_cfg = DataConfig(name="digits", num_workers=0, batch_size=8)
-    d.prepare(train_set=_Tensors(x, y), data_cfg=data_cfg, seed=0, device=torch.device("cpu"), run_dir=tmp_path)
+    d.setup(SetupContext(train_set=_Tensors(x, y), num_train_samples=20, num_classes=5, data_cfg=data_cfg, seed=0,
+                         device=torch.device("cpu"), run_dir=tmp_path))
     conf = target_confidence(d.teacher(x), y)
     assert int(d.selected.sum()) == 10
     assert conf[d.selected].max() <= conf[~d.selected].min()  # the bottom half
@@ -182,7 +184,7 @@ def test_global_split_ranks_the_training_set_once(tmp_path):
     idx = torch.tensor([0, 1, 2, 3])
     assert torch.equal(d.selection(d.teacher(x[idx]), y[idx], idx), d.selected[idx])
     with pytest.raises(TrainingError, match="split=batch"):
-        d(x[:4], y[:4], epoch=1)  # no indices
+        d(Batch(x[:4], y[:4]), 1)  # no indices
 
 
 def test_masked_mean_normalisation():

@@ -1,6 +1,7 @@
-"""Training in generations: the chain config (D(eta, lam) notation, validation, overrides,
-base files), the chain runner (hand-over of checkpoints, skip/resume, refusal of stale
-folders), the report (per-generation rows, ensembles, secondary metrics) and the CLI."""
+"""Training in generations: the chain config (D(eta, lam) notation, the embedded patriarch
+config, validation, overrides, base files), the chain runner (hand-over of checkpoints,
+skip/resume, refusal of stale folders), the report (per-generation rows, ensembles, secondary
+metrics) and the CLI."""
 from __future__ import annotations
 
 import json
@@ -11,14 +12,12 @@ import pytest
 import yaml
 
 from kdlab.cli import main
-from kdlab.engine import trainer as trainer_module
-from kdlab.engine.generations import (
-    format_notation,
-    load_chain,
-    parse_notation,
-    run_chain,
-)
+from kdlab.engine.callbacks import Callback
 from kdlab.errors import CheckpointError, ConfigError
+from kdlab.generations import runner as runner_module
+from kdlab.generations.config import format_notation, load_chain, parse_notation
+from kdlab.generations.runner import run_chain
+from kdlab.methods.tolerant import TolerantConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAIN_CONFIGS = sorted((ROOT / "configs").glob("*/generations/*.yaml"))
@@ -45,23 +44,42 @@ def test_notation_round_trip_and_errors():
 def test_notation_sets_eta_lambda_and_patriarch(tmp_path, make_config):
     chain = load_chain(data=chain_data(tmp_path, make_config))
     s = chain.settings
-    assert (s.eta, s.lam, s.patriarch) == (0.6, 0.6, "tsd")
+    assert isinstance(s.patriarch, TolerantConfig)  # the method's own config, not a mirror of it
+    assert (s.patriarch.eta, s.lam, s.patriarch.kind) == (0.6, 0.6, "tsd")
     gen0, gen1, gen2 = chain.configs
     assert gen0.method.name == "tolerant" and gen0.method.kind == "tsd" and gen0.method.eta == 0.6
+    assert gen0.method == s.patriarch
     assert gen0.teacher is None
     assert gen1.method.name == "generation" and gen1.method.lam == 0.6 and gen1.method.tau == 1.0
     assert Path(gen1.teacher.checkpoint) == tmp_path / "runs/chain/gen0/last.pt"
     assert Path(gen2.teacher.checkpoint) == tmp_path / "runs/chain/gen1/last.pt"
     assert gen2.teacher.name == gen2.model.name == "resnet8"
     strict = load_chain(data=chain_data(tmp_path, make_config, notation="D(1.0, 0.5)"))
-    assert strict.settings.patriarch == "strict" and strict.configs[0].method.kind == "strict"
+    assert strict.settings.patriarch.kind == "strict" and strict.configs[0].method.kind == "strict"
     assert strict.settings.label == "D(1.0, 0.5)"
+
+
+def test_patriarch_block_is_the_tolerant_config(tmp_path, make_config):
+    """Every field of the tolerant method's config is a patriarch setting, defaults included,
+    and reaches generation 0 unchanged."""
+    fields = {"k": 3, "scores": "probabilities", "primary": "top1"}
+    chain = load_chain(data=chain_data(tmp_path, make_config, notation="D(0.5, 0.6)", patriarch=fields))
+    method = chain.configs[0].method
+    assert (method.k, method.scores, method.primary, method.eta) == (3, "probabilities", "top1", 0.5)
+    defaults = load_chain(data=chain_data(tmp_path, make_config, notation=None)).settings.patriarch
+    assert defaults == TolerantConfig()
+    soft = load_chain(data=chain_data(tmp_path, make_config, notation=None,
+                                      patriarch={"kind": "label_smoothing", "smoothing": 0.2}))
+    assert soft.configs[0].method.smoothing == 0.2 and soft.settings.patriarch.eta == 1.0
+    assert soft.settings.label == "LS(0.2), lam 0.6"
+    chain = load_chain(data=chain_data(tmp_path, make_config), overrides=["chain.patriarch.k=4"])
+    assert chain.configs[0].method.k == 4
 
 
 def test_defaults_best_checkpoint_and_per_generation_lambda(tmp_path, make_config):
     data = chain_data(tmp_path, make_config, notation=None, checkpoint="best", lam=[0.5, 0.7], seed_offset=3)
     chain = load_chain(data=data)
-    assert chain.settings.eta == 0.6 and chain.settings.patriarch == "tsd"
+    assert chain.settings.patriarch.eta == 0.6 and chain.settings.patriarch.kind == "tsd"
     assert [c.method.lam for c in chain.configs[1:]] == [0.5, 0.7]
     assert chain.configs[1].teacher.checkpoint.endswith("gen0/best.pt")
     assert [c.train.seed for c in chain.configs] == [0, 3, 6]
@@ -69,12 +87,15 @@ def test_defaults_best_checkpoint_and_per_generation_lambda(tmp_path, make_confi
 
 
 @pytest.mark.parametrize("chain,match", [
-    ({"notation": "D(0.6, 0.6)", "eta": 0.7}, "says eta=0.6 but chain.eta=0.7"),
+    ({"notation": "D(0.6, 0.6)", "patriarch": {"eta": 0.7}}, "says eta=0.6 but chain.patriarch.eta=0.7"),
     ({"notation": "D(0.6, 0.6)", "lam": 0.5}, "says lam=0.6"),
     ({"notation": "D(0.6)"}, "must look like 'D\\(eta, lambda\\)'"),
-    ({"notation": None, "eta": 0.5}, "eta=0.5 is outside"),
-    ({"notation": None, "patriarch": "strict", "eta": 0.6}, "only applies to patriarch 'tsd'"),
-    ({"notation": None, "patriarch": "label_smoothing", "eta": 0.8}, "only applies to patriarch 'tsd'"),
+    ({"notation": None, "patriarch": {"eta": 0.5}}, "chain.patriarch.eta: eta=0.5 is outside"),
+    ({"notation": None, "patriarch": {"kind": "strict", "eta": 0.6}}, "only applies to kind 'tsd'"),
+    ({"notation": None, "patriarch": {"kind": "label_smoothing", "eta": 0.8}}, "only applies to kind 'tsd'"),
+    ({"patriarch": {"kk": 3}}, "unknown key 'chain.patriarch.kk'; did you mean 'chain.patriarch.k'"),
+    ({"k": 3}, "chain.k is a setting of the patriarch: write it as chain.patriarch.k"),
+    ({"patriarch": "strict"}, "chain.patriarch"),
     ({"lam": [0.6]}, "lists 1 values for 2 generations"),
     ({"notation": "D(1.0, 0.0)", "seed_offset": 0}, "identical copy"),
     ({"lamda": 0.6}, "unknown key 'chain.lamda'; did you mean 'chain.lam'"),
@@ -117,7 +138,7 @@ def test_base_files_for_chain_and_experiment(tmp_path, make_config):
         {"base": ["sub/common.yaml"], "experiment": exp, "chain": {"notation": "D(0.7, 0.6)"}}))
     chain = load_chain(tmp_path / "chain.yaml")
     assert chain.configs[0].optim.lr == 0.3 and chain.configs[0].train.epochs == 4
-    assert chain.settings.tau == 2.0 and len(chain.configs) == 2 and chain.settings.eta == 0.7
+    assert chain.settings.tau == 2.0 and len(chain.configs) == 2 and chain.settings.patriarch.eta == 0.7
 
 
 @pytest.mark.parametrize("path", CHAIN_CONFIGS, ids=lambda p: f"{p.parent.parent.name}/{p.name}")
@@ -127,7 +148,7 @@ def test_shipped_chain_configs_validate(path):
 
     chain = load_chain(path)
     s = chain.settings
-    assert s.notation is not None and parse_notation(s.notation) == (s.eta, s.lam)
+    assert s.notation is not None and parse_notation(s.notation) == (s.patriarch.eta, s.lam)
     name = chain.configs[0].model.name
     if ":" in name:
         assert name == "tv:resnet18" and chain.configs[0].data.name == "imagefolder"
@@ -182,7 +203,19 @@ def test_chain_end_to_end_report(tmp_path, make_config):
     assert ens[0]["top1"] == pytest.approx(rows[0]["checkpoint_top1"])
     md = (root / "generations.md").read_text()
     assert "D(0.6, 0.6)" in md and "gen0..gen2" in md and "Dist^C" in md
-    assert yaml.safe_load((root / "chain.yaml").read_text())["chain"]["eta"] == 0.6
+    assert yaml.safe_load((root / "chain.yaml").read_text())["chain"]["patriarch"]["eta"] == 0.6
+
+
+class _StopAfterEpoch(Callback):
+    """Ctrl-C right after the checkpoint of `epoch` of the run in folder `run_name` is saved
+    (extra callbacks fire after the built-in checkpointing)."""
+
+    def __init__(self, run_name: str, epoch: int) -> None:
+        self.run_name, self.epoch = run_name, epoch
+
+    def on_epoch_end(self, trainer, epoch, row) -> None:
+        if trainer.run_dir.name == self.run_name and epoch == self.epoch:
+            raise KeyboardInterrupt
 
 
 @pytest.mark.slow
@@ -191,22 +224,17 @@ def test_interrupted_chain_resumes_where_it_stopped(tmp_path, make_config, monke
     data["experiment"]["train"]["epochs"] = 2
     chain = load_chain(data=data)
     root = tmp_path / "runs/chain"
-    original_save = trainer_module.Trainer._save
-
-    def interrupting_save(self, epoch, improved):
-        original_save(self, epoch, improved)
-        if self.run_dir.name == "gen1" and epoch == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(trainer_module.Trainer, "_save", interrupting_save)
+    real_trainer = runner_module.Trainer
+    monkeypatch.setattr(runner_module, "Trainer",
+                        lambda cfg, **kw: real_trainer(cfg, callbacks=[_StopAfterEpoch("gen1", 1)], **kw))
     with pytest.raises(KeyboardInterrupt):
         run_chain(chain)
-    monkeypatch.setattr(trainer_module.Trainer, "_save", original_save)
+    monkeypatch.setattr(runner_module, "Trainer", real_trainer)
     assert (root / "gen0/result.json").is_file() and not (root / "gen1/result.json").exists()
     gen0_mtime = (root / "gen0/last.pt").stat().st_mtime_ns
     first_epoch = (root / "gen1/metrics.jsonl").read_text().splitlines()[0]
 
-    report = run_chain(load_chain(data=data))
+    report = run_chain(load_chain(data=data), resume=True)
     assert (root / "gen0/last.pt").stat().st_mtime_ns == gen0_mtime  # not retrained
     lines = (root / "gen1/metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2] and lines[0] == first_epoch
@@ -214,17 +242,18 @@ def test_interrupted_chain_resumes_where_it_stopped(tmp_path, make_config, monke
 
     # A finished chain is not retrained; a changed one is refused with the difference named.
     mtimes = [(root / f"gen{m}/last.pt").stat().st_mtime_ns for m in range(3)]
-    run_chain(load_chain(data=data), report=False)
+    run_chain(load_chain(data=data), resume=True, report=False)
     assert [(root / f"gen{m}/last.pt").stat().st_mtime_ns for m in range(3)] == mtimes
     changed = chain_data(tmp_path, make_config, notation="D(0.7, 0.6)")
     changed["experiment"]["train"]["epochs"] = 2
-    with pytest.raises(ConfigError, match=r"gen0 holds generation 0 trained with another config \(method.eta: 0.6 -> 0.7"):
-        run_chain(load_chain(data=changed))
+    with pytest.raises(ConfigError, match=r"gen0 holds generation 0 trained with another config "
+                                          r"\(method.eta: 0.6 -> 0.7.*--overwrite"):
+        run_chain(load_chain(data=changed), resume=True)
     # A teacher rewritten after its student finished breaks the chain: refused.
     later = (root / "gen1/result.json").stat().st_mtime + 5
     os.utime(root / "gen0/last.pt", (later, later))
     with pytest.raises(CheckpointError, match="rewritten after generation 1 finished training"):
-        run_chain(load_chain(data=data))
+        run_chain(load_chain(data=data), resume=True)
 
 
 def test_report_uses_cifar100_coarse_classes(tmp_path, make_config):
@@ -255,3 +284,6 @@ def test_cli_dry_run_report_and_errors(tmp_path, make_config, capsys):
     assert main(["generations", str(path), "--report"]) == 2
     assert "no finished generation" in capsys.readouterr().err
     assert not (tmp_path / "runs/chain/gen0").exists()
+    with pytest.raises(SystemExit) as info:
+        main(["generations", str(path), "--resume", "--overwrite"])
+    assert info.value.code == 2 and "not allowed with argument --resume" in capsys.readouterr().err

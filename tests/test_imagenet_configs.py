@@ -49,14 +49,12 @@ def _weights_file(name: str, num_classes: int, folder: Path) -> str:
 
 def _checkpoint_file(name: str, num_classes: int, kwargs: dict, folder: Path) -> str:
     """A kdlab checkpoint of a fresh model (what 'kdlab train' would have written)."""
-    from kdlab.engine.checkpoint import FORMAT, VERSION, atomic_save
+    from kdlab.engine.checkpoint import Checkpoint
     from kdlab.models import create_model
 
     model = create_model(name, num_classes=num_classes, **kwargs)
     path = folder / f"{name.replace(':', '_')}_teacher.pt"
-    atomic_save({"format": FORMAT, "version": VERSION,
-                 "model": {"name": name, "num_classes": num_classes, "kwargs": dict(kwargs)},
-                 "model_state": model.state_dict()}, path)
+    Checkpoint.for_model(model, name, num_classes, kwargs).save(path)
     return str(path)
 
 

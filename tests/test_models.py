@@ -43,6 +43,10 @@ NUM_STAGES = {"ResNet18": 4, "ResNet34": 4, "ResNet50": 4, "MobileNetV2": 4, "Mo
 #: models whose stages end in a linear layer: preact_stages are the stages themselves
 LINEAR_STAGE_END = {"MobileNetV2"}
 
+#: pre-activation families: raw_stages are the block outputs, before the BN and ReLU that
+#: the next stage (or the head) applies; everywhere else raw_stages are the stages
+PREACT_FAMILIES = {"wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "densenet100_bc", "densenet190_bc"}
+
 
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
@@ -82,10 +86,10 @@ def test_densenet_bc_matches_paper_counts():
 def _check_features(name: str, model: nn.Module, x: torch.Tensor, logits: torch.Tensor, feats: Features):
     b = x.shape[0]
     assert isinstance(feats, Features)
-    assert len(feats.stages) == len(feats.preact_stages) == NUM_STAGES.get(name, 3)
-    for s, p in zip(feats.stages, feats.preact_stages):
+    assert len(feats.stages) == len(feats.preact_stages) == len(feats.raw_stages) == NUM_STAGES.get(name, 3)
+    for s, p, r in zip(feats.stages, feats.preact_stages, feats.raw_stages):
         assert s.dim() == 4 and s.shape[0] == b
-        assert p.shape == s.shape
+        assert p.shape == s.shape == r.shape
     # shallow to deep: spatial size never grows
     sides = [s.shape[-1] for s in feats.stages]
     assert sides == sorted(sides, reverse=True)
@@ -115,7 +119,9 @@ def test_forward_features_contract(name):
     model.train()
     info = feature_info(model, input_size=(3, side, side))
     assert model.training
-    assert [(s.channels, s.height, s.width) for s in info.stages] == [tuple(t.shape[1:]) for t in feats.stages]
+    for kind in ("stages", "preact_stages", "raw_stages"):
+        assert [(s.channels, s.height, s.width) for s in getattr(info, kind)] == [
+            tuple(t.shape[1:]) for t in getattr(feats, kind)], kind
     assert info.pooled_dim == feats.pooled.shape[1] and info.num_classes == 10
 
     # pre-activations are real pre-activations
@@ -127,14 +133,23 @@ def test_forward_features_contract(name):
             assert (s >= 0).all(), f"{name} stage {i} is not post-ReLU"
             torch.testing.assert_close(torch.relu(p), s, rtol=0, atol=0)
 
+    # raw stages: the block outputs before a following BN + ReLU in pre-activation
+    # families (with negatives, not equal to the pre-activation), the stages elsewhere
+    for s, p, r in zip(feats.stages, feats.preact_stages, feats.raw_stages):
+        if name in PREACT_FAMILIES:  # (fresh batch-norms are identities in eval mode: the
+            assert (r < 0).any() and r is not p  # values are compared in the WRN test below)
+        else:
+            assert r is s
+
     # nothing later writes into returned features: backward, then a second forward
     model.train()
     logits, feats = model(x, features=True)
-    held = [t.detach().clone() for t in feats.preact_stages + feats.stages]
-    versions = [t._version for t in feats.preact_stages + feats.stages]
-    (logits.square().mean() + sum(p.mean() for p in feats.preact_stages)).backward()
+    returned = feats.preact_stages + feats.stages + feats.raw_stages
+    held = [t.detach().clone() for t in returned]
+    versions = [t._version for t in returned]
+    (logits.square().mean() + sum(p.mean() for p in feats.preact_stages + feats.raw_stages)).backward()
     model(torch.randn_like(x), features=True)
-    for t, h, v in zip(feats.preact_stages + feats.stages, held, versions):
+    for t, h, v in zip(returned, held, versions):
         assert t._version == v
         assert torch.equal(t.detach(), h)
 
@@ -181,3 +196,45 @@ def test_unknown_model_name_suggests_closest():
     assert "wrn_40_2" in msg and "ShuffleV2" in msg  # lists valid names
     with pytest.raises(KeyError):
         create_model("no_such_model_at_all")
+
+
+@torch.no_grad()
+def test_wrn_raw_stages_are_the_block_outputs_and_preact_is_the_consuming_bn():
+    """Recomputed independently: forward hooks on the last BasicBlock of block1..block3
+    give the raw stage outputs (the residual sums, mdistiller's and the official ReviewKD
+    code's `feats`). (kdlab's forward runs each stage's first block through
+    `forward_activated`, so hooks on the NetworkBlocks themselves would not fire.)"""
+    torch.manual_seed(0)
+    model = create_model("wrn_16_2", num_classes=10)
+    for m in model.modules():  # batch-norms that are not identities, so bn(f) != f
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.uniform_(0.5, 2)
+            m.bias.uniform_(-1, 1)
+    seen = {}
+    assert len(model.block1.layer) >= 2
+    hooks = [getattr(model, f"block{i}").layer[-1].register_forward_hook(
+        lambda m, a, out, i=i: seen.__setitem__(i, out.clone())) for i in (1, 2, 3)]
+    x = torch.randn(4, 3, 32, 32)
+    # eval mode: the batch-norms below then use the same (running) statistics
+    model.eval()
+    logits = model(x)  # plain forward: the reference's path through block1..block3
+    _, feats = model(x, features=True)
+    for h in hooks:
+        h.remove()
+    consuming_bn = [model.block2.layer[0].bn1, model.block3.layer[0].bn1, model.bn1]
+    for i, (r, p, s, bn) in enumerate(zip(feats.raw_stages, feats.preact_stages, feats.stages, consuming_bn)):
+        torch.testing.assert_close(r, seen[i + 1], rtol=0, atol=0)
+        assert not torch.allclose(r, p) and not torch.allclose(r, s)
+        torch.testing.assert_close(p, bn(seen[i + 1]))
+        torch.testing.assert_close(s, torch.relu(bn(seen[i + 1])))
+    torch.testing.assert_close(model.fc(feats.pooled), logits)
+
+
+def test_features_fill_raw_stages_and_check_lengths():
+    a, b = torch.randn(1, 2, 4, 4), torch.randn(1, 2, 2, 2)
+    feats = Features([a, b], [a, b], torch.randn(1, 2))
+    assert feats.raw_stages == [a, b]  # not given: the stages
+    with pytest.raises(ValueError, match="raw_stages"):
+        Features([a, b], [a, b], torch.randn(1, 2), raw_stages=[a])

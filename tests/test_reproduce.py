@@ -45,8 +45,7 @@ def test_table_has_the_papers_rows():
 
 def test_every_row_config_exists_and_validates():
     from kdlab.config import load_config
-    from kdlab.engine.generations import load_chain
-    from kdlab.reproduce.runner import is_chain_file
+    from kdlab.generations.config import is_chain_file, load_chain
 
     missing, checked = [], 0
     for r in ROWS:
@@ -138,8 +137,9 @@ def test_reproduce_trains_teacher_then_rows(make_config, tmp_path):
     res = {n: json.loads((runs / n / "result.json").read_text()) for n in ("alone", "kd")}
     assert outcomes[1].last == pytest.approx(res["kd"]["last_top1"] - res["alone"]["last_top1"])
     assert outcomes[1].diffs()[0] == pytest.approx(outcomes[1].last - 1.0)
-    # Second time: everything is reused, and a changed config is refused rather than reused.
-    again = plan_rows([rows[1]], [], root=tmp_path, all_rows=rows)
+    # Second time: with --resume everything is reused (without it, refused: tests/test_run_folder.py),
+    # and a changed config is refused rather than reused.
+    again = plan_rows([rows[1]], [], root=tmp_path, all_rows=rows, resume=True)
     assert again[1].teacher_action == "reuse" and again[1].status == "done (reused)"
-    changed = plan_rows([rows[1]], ["method.temperature=2"], root=tmp_path, all_rows=rows)
+    changed = plan_rows([rows[1]], ["method.temperature=2"], root=tmp_path, all_rows=rows, resume=True)
     assert "already holds a run of another config" in changed[1].problem

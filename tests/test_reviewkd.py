@@ -14,11 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from kdlab.methods.base import Batch
 from kdlab.config import load_config
 from kdlab.errors import ConfigError, TrainingError
 from kdlab.losses import dkd_terms, hcl_level, hcl_loss
 from kdlab.methods import method_class
-from kdlab.methods.reviewkd import ABF, ReviewKD, resize_map
+from kdlab.methods.reviewkd import ABF, STUDENT_STAGES, ReviewKD, resize_map
 from kdlab.models import FeatureClassifier, Features, create_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,7 +190,7 @@ def levels_of(d: ReviewKD, images: torch.Tensor):
     """(student levels, teacher levels), deepest first, as forward_train builds them."""
     _, sf = d.student(images, features=True)
     _, tf = d.teacher_forward(images, features=True)
-    s = d._select(sf, sf.preact_stages if d.cfg.student_preact else sf.stages, [lv.student_stage for lv in d.levels])
+    s = d._select(sf, getattr(sf, STUDENT_STAGES[d.cfg.student_features]), [lv.student_stage for lv in d.levels])
     t = d._select(tf, tf.preact_stages, [lv.teacher_stage for lv in d.levels])
     return s, t
 
@@ -203,7 +204,7 @@ def assert_builds_and_trains(d: ReviewKD, images: torch.Tensor, n_levels: int) -
         assert abf.conv2[0].out_channels == lv.teacher_channels
     d.train()
     targets = torch.arange(images.shape[0]) % 10
-    out = d(images, targets, epoch=30)
+    out = d(Batch(images, targets), 30)
     loss = sum(out.losses.values())
     assert torch.isfinite(loss) and set(out.losses) == {"ce", "reviewkd"}
     assert len([k for k in out.stats if k.startswith("hcl_")]) == n_levels
@@ -240,17 +241,10 @@ def test_pairs_with_other_stage_counts_and_sizes(teacher, student, pairs):
     assert_builds_and_trains(d, torch.randn(2, 3, 32, 32), len(pairs) + 1)
 
 
-def tv_registered() -> bool:
-    from kdlab.models.registry import _PREFIXES
-
-    return "tv" in _PREFIXES
-
-
-@pytest.mark.skipif(not tv_registered(), reason="the tv: model prefix is not registered yet")
 @pytest.mark.parametrize("teacher, student, mid", [("tv:resnet34", "tv:resnet18", 512),
                                                     ("tv:resnet50", "MobileNetV1", 256)])
 def test_imagenet_pairs_build_and_train_with_torchvision_models(teacher, student, mid):
-    d = build(teacher, student, input_size=(3, 64, 64), classes=1000, student_preact=True,
+    d = build(teacher, student, input_size=(3, 64, 64), classes=1000, student_features="preact",
               mid_channels=None if mid == 512 else mid)
     assert d.mid_channels == mid
     assert_builds_and_trains(d, torch.randn(2, 3, 64, 64), 5)
@@ -267,7 +261,7 @@ def test_abf_parameter_count_of_resnet32x4_resnet8x4_matches_the_paper():
 def test_teacher_levels_are_preactivation_and_stats_are_per_level_hcl():
     d = build("resnet14", "resnet8", weight=2.0, warmup_epochs=4).eval()
     images, targets = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2])
-    out = d(images, targets, epoch=1)
+    out = d(Batch(images, targets), 1)
     s, t = levels_of(d, images)
     per_level = [hcl_level(f, x) for f, x in zip(d.fuse(s, t), t)]
     assert list(out.stats) == ["hcl_pool", "hcl_s3_t3", "hcl_s2_t2", "hcl_s1_t1"]
@@ -279,7 +273,7 @@ def test_teacher_levels_are_preactivation_and_stats_are_per_level_hcl():
     _, tf = d.teacher(images, features=True)
     post = d._select(tf, tf.stages, [lv.teacher_stage for lv in d.levels])
     assert not torch.allclose(hcl_loss(d.fuse(s, post), post), torch.stack(per_level).sum())
-    full = d(images, targets, epoch=4).losses["reviewkd"]  # warm-up over: weight x HCL
+    full = d(Batch(images, targets), 4).losses["reviewkd"]  # warm-up over: weight x HCL
     assert full.item() == pytest.approx(2.0 * torch.stack(per_level).sum().item(), rel=1e-5)
 
 
@@ -313,7 +307,7 @@ def test_unpairable_models_get_one_clear_config_error():
 def test_batch_of_one_sample_trains_with_running_statistics():
     d = build("resnet14", "resnet8").train()
     before = {k: v.clone() for k, v in d.abfs.state_dict().items() if "running" in k}
-    out = d(torch.randn(1, 3, 32, 32), torch.tensor([3]), epoch=25)
+    out = d(Batch(torch.randn(1, 3, 32, 32), torch.tensor([3])), 25)
     loss = sum(out.losses.values())
     assert torch.isfinite(loss)
     loss.backward()
@@ -321,7 +315,7 @@ def test_batch_of_one_sample_trains_with_running_statistics():
     assert all(m.training for m in d.abfs.modules())  # training mode restored
     for k, v in before.items():
         torch.testing.assert_close(d.abfs.state_dict()[k], v)  # no update from one sample
-    d(torch.randn(2, 3, 32, 32), torch.tensor([3, 4]), epoch=25)
+    d(Batch(torch.randn(2, 3, 32, 32), torch.tensor([3, 4])), 25)
     assert not torch.equal(d.abfs[0].conv1[1].running_mean, before["0.conv1.1.running_mean"])
 
 
@@ -329,7 +323,7 @@ def test_batch_of_one_reaching_a_1x1_student_batch_norm_is_a_training_error():
     # MobileNet-V1 on 32x32 inputs ends in a 1x1 stage with batch-norm.
     d = build("resnet8", "MobileNetV1").train()
     with pytest.raises(TrainingError, match="batch of 1"):
-        d(torch.randn(1, 3, 32, 32), torch.tensor([0]), epoch=1)
+        d(Batch(torch.randn(1, 3, 32, 32), torch.tensor([0])), 1)
 
 
 # ------------------------------------------------------------------ ReviewKD + DKD
@@ -338,7 +332,7 @@ def test_reviewkd_dkd_adds_dkd_terms_to_the_same_reviewkd_term():
     alone = build("resnet14", "resnet8", weight=3.0, warmup_epochs=2).eval()
     alone.load_state_dict(both.state_dict())
     images, targets = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
-    out, ref = both(images, targets, epoch=1), alone(images, targets, epoch=1)
+    out, ref = both(Batch(images, targets), 1), alone(Batch(images, targets), 1)
     assert set(out.losses) == {"ce", "reviewkd", "tckd", "nckd"}
     torch.testing.assert_close(out.losses["reviewkd"], ref.losses["reviewkd"])
     torch.testing.assert_close(out.losses["ce"], ref.losses["ce"])
@@ -365,14 +359,13 @@ def test_extra_state_is_the_abfs_and_round_trips():
 def test_training_updates_the_abfs_and_never_the_teacher(make_config, tmp_path, monkeypatch):
     """Two batches on digits through the real trainer: the ABF parameters are in the optimizer
     and change; the teacher's weights and batch-norm buffers do not."""
-    from kdlab.engine.checkpoint import FORMAT, atomic_save
+    from kdlab.engine.checkpoint import Checkpoint
     from kdlab.engine.trainer import Trainer
 
     torch.manual_seed(0)
     teacher = create_model("resnet8", 10)
     ckpt = tmp_path / "teacher.pt"
-    atomic_save({"format": FORMAT, "model": {"name": "resnet8", "num_classes": 10, "kwargs": {}},
-                 "model_state": teacher.state_dict()}, ckpt)
+    Checkpoint.for_model(teacher, "resnet8", 10).save(ckpt)
     cfg = load_config(data=make_config(
         name="rkd", teacher={"name": "resnet8", "checkpoint": str(ckpt)},
         method={"name": "reviewkd", "weight": 5.0, "warmup_epochs": 1},
@@ -399,8 +392,8 @@ def test_training_updates_the_abfs_and_never_the_teacher(make_config, tmp_path, 
         assert torch.equal(v, seen["teacher"][k]), k
     row = json.loads((tmp_path / "runs" / "rkd" / "metrics.jsonl").read_text().splitlines()[0])
     assert row["train/reviewkd"] > 0 and math.isfinite(row["stat/hcl_pool"])
-    saved = torch.load(tmp_path / "runs" / "rkd" / "last.pt", weights_only=True)
-    assert set(saved["extra_state"]) == set(d.extra_state_dict())
+    saved = Checkpoint.load(tmp_path / "runs" / "rkd" / "last.pt")
+    assert set(saved.extra_state) == set(d.extra_state_dict())
 
 
 # ------------------------------------------------------------------ configs
@@ -425,8 +418,8 @@ def test_cifar100_configs_match_the_official_scripts(teacher, student, weight, l
     assert (cfg.model.name, cfg.teacher.name, cfg.teacher.checkpoint) == (
         student, teacher, f"runs/teacher_{teacher}/best.pt")
     m = cfg.method
-    assert (m.name, m.ce_weight, m.weight, m.warmup_epochs, m.mid_channels, m.student_preact) == (
-        "reviewkd", 1.0, weight, 20, None, False)
+    assert (m.name, m.ce_weight, m.weight, m.warmup_epochs, m.mid_channels, m.student_features) == (
+        "reviewkd", 1.0, weight, 20, None, "raw")
     assert cfg.name == f"reviewkd_{teacher}_{student}"
 
 
@@ -458,17 +451,109 @@ def test_imagenet_configs(monkeypatch, pair, teacher, student, weight, mid):
     assert (cfg.schedule.milestones, cfg.train.epochs) == ([30, 60, 90], 100)
     assert (cfg.model.name, cfg.teacher.name) == (student, teacher) and cfg.teacher.weights
     m = cfg.method
-    assert (m.name, m.weight, m.warmup_epochs, m.mid_channels, m.student_preact) == (
-        "reviewkd", weight, 1, mid, True)
+    assert (m.name, m.weight, m.warmup_epochs, m.mid_channels, m.student_features) == (
+        "reviewkd", weight, 1, mid, "preact")
 
 
 def test_config_validation():
     cls = method_class("reviewkd").Config
     assert cls().model_dump() == {"name": "reviewkd", "ce_weight": 1.0, "weight": 1.0, "warmup_epochs": 20,
-                                  "mid_channels": None, "student_preact": False}
+                                  "mid_channels": None, "student_features": "raw"}
     for bad in ({"weight": -1.0}, {"mid_channels": 0}, {"warmup_epochs": -1}, {"weigth": 1.0}):
         with pytest.raises(Exception):
             cls(**bad)
     with pytest.raises(ConfigError, match="weigth"):
         load_config(data={"model": {"name": "resnet8"}, "teacher": {"name": "resnet8", "checkpoint": "t.pt"},
                           "method": {"name": "reviewkd", "weigth": 2.0}})
+
+
+# ------------------------------------------------------------------ which student features
+def randomise_batch_norms(model: nn.Module) -> None:
+    """Batch-norms that are not identities in eval mode, so bn(f) != f."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 2)
+                m.bias.uniform_(-1, 1)
+
+
+def abf_inputs(d: ReviewKD, images: torch.Tensor, targets: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The student level each ABF receives in one training step (deepest first), and the loss."""
+    seen: dict[int, torch.Tensor] = {}
+    hooks = [abf.register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, args[0].detach().clone()))
+             for i, abf in enumerate(d.abfs)]
+    try:
+        out = d(Batch(images, targets), 30)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [seen[i] for i in range(len(d.abfs))], out.losses["reviewkd"]
+
+
+def test_wrn_student_abfs_read_the_raw_block_outputs_by_default():
+    """The DKD authors' and the official ReviewKD code feed a WRN student's raw block outputs
+    f_i (no BN, no ReLU) to the fusion. Computed independently here by forward hooks on the
+    last block of each stage, they must be what the ABFs receive, and differ from relu(bn(f_i))."""
+    d = build("wrn_40_2", "wrn_16_2", weight=5.0)
+    assert d.cfg.student_features == "raw"
+    randomise_batch_norms(d.student)
+    d.eval()  # fixed batch-norm statistics, so relu(bn(f)) can be recomputed below
+    student = d.student
+    blocks = [student.block1.layer[-1], student.block2.layer[-1], student.block3.layer[-1]]
+    raw: dict[int, torch.Tensor] = {}
+    hooks = [b.register_forward_hook(lambda m, a, out, i=i: raw.__setitem__(i, out.detach().clone()))
+             for i, b in enumerate(blocks)]
+    images, targets = torch.randn(4, 3, 32, 32), torch.arange(4)
+    try:
+        inputs, loss_raw = abf_inputs(d, images, targets)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert [(lv.student_stage, lv.teacher_stage) for lv in d.levels] == [(None, None), (2, 2), (1, 1), (0, 0)]
+    consuming_bn = [student.block2.layer[0].bn1, student.block3.layer[0].bn1, student.bn1]
+    with torch.no_grad():
+        post = [torch.relu(bn(raw[i])) for i, bn in enumerate(consuming_bn)]
+    for level, stage in zip(inputs[1:], (2, 1, 0)):
+        torch.testing.assert_close(level, raw[stage], rtol=0, atol=0)
+        relative = (level - post[stage]).norm() / post[stage].norm()
+        assert relative > 0.1, f"stage {stage + 1}: raw and relu(bn(f)) differ by only {relative:.3f}"
+
+    # post (kdlab's earlier default) is still reachable, reads relu(bn(f_i)), and changes the loss
+    d_post = build("wrn_40_2", "wrn_16_2", weight=5.0, student_features="post")
+    d_post.load_state_dict(d.state_dict())
+    d_post.eval()
+    inputs_post, loss_post = abf_inputs(d_post, images, targets)
+    for level, stage in zip(inputs_post[1:], (2, 1, 0)):
+        torch.testing.assert_close(level, post[stage])
+    assert not torch.allclose(loss_raw, loss_post)
+
+
+@pytest.mark.parametrize("student", ["resnet8", "ShuffleV1", "vgg8", "MobileNetV2"])
+def test_raw_student_features_are_the_post_activation_stages_outside_preact_families(student):
+    """For every other family the reference code's `feats` are the stages themselves."""
+    teacher = "vgg13" if student in ("vgg8", "MobileNetV2") else "resnet14"
+    d = build(teacher, student).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        inputs, _ = abf_inputs(d, images, torch.arange(2))
+        _, feats = d.student(images, features=True)
+    for level, lv in zip(inputs[1:], d.levels[1:]):
+        torch.testing.assert_close(level, feats.stages[lv.student_stage], rtol=0, atol=0)
+
+
+def test_student_preact_in_older_configs_keeps_its_meaning():
+    cls = method_class("reviewkd").Config
+    assert cls(student_preact=True).student_features == "preact"
+    assert cls(student_preact=False).student_features == "post"  # kdlab's earlier default
+    assert cls().student_features == "raw"
+    assert "student_preact" not in cls(student_preact=True).model_dump()
+    assert method_class("reviewkd_dkd").Config(student_preact=True).student_features == "preact"
+    with pytest.raises(Exception, match="student_features only"):
+        cls(student_preact=True, student_features="raw")
+    with pytest.raises(Exception, match="'raw', 'preact' or 'post'"):
+        cls(student_features="auto")
+    with pytest.raises(ConfigError, match="student_features only"):
+        load_config(data={"model": {"name": "resnet8"}, "teacher": {"name": "resnet8", "checkpoint": "t.pt"},
+                          "method": {"name": "reviewkd", "student_preact": True, "student_features": "post"}})

@@ -68,8 +68,8 @@ def test_step_time_table_has_every_mode_and_consistent_ratios(step_time, tmp_pat
     assert "teacher forward" in out and "data.pipeline=gpu" in out  # the profile tables
 
 
-def test_device_table_lookup_equals_the_memory_mapped_lookup(tmp_path):
-    # The GPU path (whole table in device memory, `to_device`) exercised on CPU.
+def test_device_table_lookup_equals_the_memory_mapped_lookup(tmp_path, device):
+    # The GPU path (whole table in device memory, `to_device`), on CPU and on CUDA where present.
     from kdlab.engine.teacher_cache import FORMAT, LOGITS_FILE, META_FILE, VERSION
     import numpy as np
 
@@ -80,9 +80,9 @@ def test_device_table_lookup_equals_the_memory_mapped_lookup(tmp_path):
     mm.flush()
     spec = ViewSpec(32, 4, True, (0.5,) * 3, (0.25,) * 3)
     index_map = np.array([3, 19, 0, 7])  # a subset's base indices
-    batch = (None, None, torch.tensor([1, 3, 0]), torch.tensor([5, 161, 0]))
-    mapped = TeacherFeed(TeacherCache(tmp_path), spec, 0, index_map, torch.device("cpu")).logits(batch, 1)
-    on_device = TeacherFeed(TeacherCache(tmp_path).to_device(torch.device("cpu")), spec, 0, index_map,
-                            torch.device("cpu")).logits(batch, 1)
-    assert torch.equal(mapped, on_device)
+    indices, views = torch.tensor([1, 3, 0]), torch.tensor([5, 161, 0])
+    mapped = TeacherFeed(TeacherCache(tmp_path), spec, 0, index_map, torch.device("cpu")).logits(indices, views, 1)
+    on_device = TeacherFeed(TeacherCache(tmp_path).to_device(torch.device(device)), spec, 0, index_map,
+                            torch.device(device)).logits(indices.to(device), views.to(device), 1)
+    assert on_device.device.type == device and torch.equal(mapped, on_device.cpu())
     assert torch.equal(mapped[1], torch.from_numpy(mm[7, 161].astype(np.float32)))

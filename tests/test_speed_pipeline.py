@@ -1,4 +1,4 @@
-"""The GPU-resident pipeline (run here on CPU) against the standard torchvision pipeline."""
+"""The GPU-resident pipeline (on CPU, and on CUDA where present) against the standard torchvision pipeline."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,7 +11,7 @@ from kdlab.config.schema import DataConfig
 from kdlab.data import build_datasets
 from kdlab.data.gpu_pipeline import gpu_loaders
 from kdlab.data.views import ViewSpec, crop_flip, describe_transform, epoch_views, render, view_of, views_of
-from kdlab.engine.sampling import EpochSampler, SeededDataset
+from kdlab.data.sampling import EpochSampler, SeededDataset
 from kdlab.engine.trainer import Trainer
 from kdlab.errors import DataError
 
@@ -90,10 +90,11 @@ def test_epoch_views_depend_on_seed_and_epoch_only():
     assert not torch.equal(epoch_views(SPEC, 3, 2, 50), epoch_views(SPEC, 3, 3, 50))
 
 
-def test_gpu_batches_equal_the_standard_transform_for_their_views(cifar):
+def test_gpu_batches_equal_the_standard_transform_for_their_views(cifar, device):
+    # On CUDA too: the batched crop/flip/normalise must give torchvision's CPU pixels bit for bit.
     cfg = DataConfig(name="cifar10", root=str(cifar), batch_size=16)
     data = build_datasets(cfg, 0)
-    train, val = gpu_loaders(data, cfg, seed=3, device=torch.device("cpu"), channels_last=True)
+    train, val = gpu_loaders(data, cfg, seed=3, device=torch.device(device), channels_last=True)
     train.sampler.set_epoch(2)
     batches = list(train)
     assert len(batches) == len(train) == 3
@@ -104,13 +105,13 @@ def test_gpu_batches_equal_the_standard_transform_for_their_views(cifar):
     assert got_order == expected_order  # the standard pipeline's batch composition
     spec = describe_transform(data.train.transform, 32)
     for images, targets, idx, views in batches:
-        assert images.is_contiguous(memory_format=torch.channels_last)
+        assert images.is_contiguous(memory_format=torch.channels_last) and images.device.type == device
         for k in range(len(idx)):
             i = int(idx[k])
             assert int(targets[k]) == data.train.targets[i]
-            assert torch.equal(images[k], torchvision_view(data.train.data[i], int(views[k]), spec))
+            assert torch.equal(images[k].cpu(), torchvision_view(data.train.data[i], int(views[k]), spec))
     vimages, vtargets = next(iter(val))
-    assert torch.equal(vimages[0], data.val[0][0]) and int(vtargets[0]) == data.val[0][1]
+    assert torch.equal(vimages[0].cpu(), data.val[0][0]) and int(vtargets[0]) == data.val[0][1]
 
 
 def test_gpu_loaders_shard_training_and_validation_per_rank(cifar):
@@ -127,9 +128,9 @@ def test_gpu_loaders_shard_training_and_validation_per_rank(cifar):
     assert torch.equal(next(iter(shards[1][1]))[0][0], data.val[1][0])  # rank 1: images 1, 3, 5, ...
 
 
-def test_gpu_loader_resumes_mid_epoch_with_the_same_batches(cifar):
+def test_gpu_loader_resumes_mid_epoch_with_the_same_batches(cifar, device):
     cfg = DataConfig(name="cifar10", root=str(cifar), batch_size=8)
-    train, _ = gpu_loaders(build_datasets(cfg, 0), cfg, seed=1, device=torch.device("cpu"))
+    train, _ = gpu_loaders(build_datasets(cfg, 0), cfg, seed=1, device=torch.device(device))
     train.sampler.set_epoch(4)
     full = list(train)
     train.sampler.set_epoch(4, start=16)
@@ -182,9 +183,9 @@ def test_crop_flip_is_a_pure_gather():
     assert torch.equal(out[1, :2, :, 0], images[1, 1:3, :, 0].flip(-1))  # rows 1-2, mirrored
 
 
-def test_trainer_runs_the_gpu_pipeline_on_cpu(make_config, cifar):
+def test_trainer_runs_the_gpu_pipeline(make_config, cifar, device):
     with tiny_model_registered() as tiny:
-        cfg = load_config(data=make_config(model={"name": tiny}, data={
+        cfg = load_config(data=make_config(model={"name": tiny}, train={"device": device}, data={
             "name": "cifar10", "root": str(cifar), "pipeline": "gpu", "train_subset": None, "batch_size": 16}))
         result = Trainer(cfg).fit()
     row = result.history[0]

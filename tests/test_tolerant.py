@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from kdlab.methods.base import Batch
 from kdlab.analysis.secondary import (
     chance_in_group,
     class_similarity,
@@ -259,7 +260,7 @@ def test_tolerant_method_terms_sum_to_the_pure_loss(kind, fn, terms):
     y = torch.randint(0, 5, (6,), generator=g)
     cfg = _cfg("tolerant", kind=kind, eta=0.7, k=3, smoothing=0.2, penalty=0.3)
     m = method_class("tolerant")(Fixed(z), None, cfg, num_classes=5)
-    out = m.forward_train(torch.zeros(6, 1), y, epoch=1)
+    out = m.forward_train(Batch(torch.zeros(6, 1), y), 1)
     assert set(out.losses) == terms
     torch.testing.assert_close(sum(out.losses.values()), fn(z, y))
     assert out.stats["target_conf"].item() == pytest.approx(z.softmax(1).gather(1, y[:, None]).mean().item())
@@ -271,12 +272,12 @@ def test_generation_method_loss_and_lambda_zero_skips_teacher():
     zs, zt = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g) * 3
     y = torch.randint(0, 6, (4,), generator=g)
     m = method_class("generation")(Fixed(zs), Fixed(zt), _cfg("generation", lam=0.6, tau=2.0), num_classes=6)
-    out = m.forward_train(torch.zeros(4, 1), y, epoch=1)
+    out = m.forward_train(Batch(torch.zeros(4, 1), y), 1)
     expected = 0.4 * F.cross_entropy(zs, y) + 0.6 * kd_loss(zs, zt, 2.0)
     torch.testing.assert_close(sum(out.losses.values()), expected)
     assert out.stats["teacher_conf"].item() == pytest.approx(zt.softmax(1).gather(1, y[:, None]).mean().item())
     m0 = method_class("generation")(Fixed(zs), Exploding(), _cfg("generation", lam=0.0), num_classes=6)
-    out0 = m0.forward_train(torch.zeros(4, 1), y, epoch=1)
+    out0 = m0.forward_train(Batch(torch.zeros(4, 1), y), 1)
     torch.testing.assert_close(sum(out0.losses.values()), F.cross_entropy(zs, y))
 
 

@@ -13,6 +13,8 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from matplotlib.lines import Line2D
+
 from kdlab.analysis.plotting import new_figure, save_figure
 from kdlab.errors import KDLabError
 
@@ -135,8 +137,6 @@ def plot_curves(
         ax.set_visible(False)
     if len(runs) > 1 and len(panels) > 1:
         # One legend of run colours for the loss panels (the accuracy panel has its own).
-        from matplotlib.lines import Line2D
-
         handles = [Line2D([], [], color=c, label=n) for n, c in zip(runs, colors)]
         fig.legend(handles=handles, loc="outside lower center", ncols=min(len(runs), 4), fontsize=8)
     fig.suptitle(" vs ".join(runs) if len(runs) <= 4 else f"{len(runs)} runs")

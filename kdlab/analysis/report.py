@@ -33,6 +33,11 @@ from kdlab.analysis.correlation import (
     plot_correlation_difference,
 )
 from kdlab.analysis.per_sample import half_split_stats, per_sample_terms, plot_per_sample, summary, write_csv
+from kdlab.config import load_config
+from kdlab.data import build_datasets
+from kdlab.engine.build import eval_loader
+from kdlab.engine.checkpoint import build_model_from_checkpoint
+from kdlab.engine.device import resolve_device
 from kdlab.errors import CheckpointError, KDLabError
 
 
@@ -133,9 +138,7 @@ def _cell(c: Any) -> str:
 
 
 # --------------------------------------------------------------------------- analysis
-def _load(path: str | Path) -> tuple[torch.nn.Module, dict]:
-    from kdlab.engine.checkpoint import build_model_from_checkpoint
-
+def _load(path: str | Path) -> tuple[torch.nn.Module, Any]:  # (model, Checkpoint)
     return build_model_from_checkpoint(path)
 
 
@@ -152,23 +155,21 @@ def analyze(
     max_samples: int | None = None,
 ) -> dict[str, Any]:
     """Write the report folder; return the numbers (also in `metrics.json`)."""
-    from kdlab.config import load_config
-    from kdlab.data import build_datasets
-    from kdlab.engine.build import eval_loader
-    from kdlab.engine.trainer import resolve_device
-
     for s in splits:
         if s not in ("val", "train"):
             raise KDLabError(f"unknown split {s!r}; use val and/or train")
     teacher, t_ckpt = _load(teacher_ckpt)
     student, s_ckpt = _load(student_ckpt)
-    cfg = load_config(data=s_ckpt["config"], overrides=overrides)
+    if not s_ckpt.config:
+        raise CheckpointError(f"the student checkpoint {str(student_ckpt)!r} records no config (dataset, method); "
+                              "analyse a checkpoint written by 'kdlab train'")
+    cfg = load_config(data=s_ckpt.config, overrides=overrides)
     # Analysis sees every image as evaluated: no augmentation, also for the training split.
     data_cfg = cfg.data.model_copy(update={"augment": "none"})
     data = build_datasets(data_cfg)
     for role, ck, path in (("teacher", t_ckpt, teacher_ckpt), ("student", s_ckpt, student_ckpt)):
-        classes = ck.get("model", {}).get("num_classes")
-        if classes is not None and classes != data.num_classes:
+        classes = ck.model.num_classes
+        if classes != data.num_classes:
             raise CheckpointError(
                 f"the {role} checkpoint {str(path)!r} has {classes} classes but dataset {data_cfg.name!r} has "
                 f"{data.num_classes}; analyse a teacher and a student trained on the same dataset"
@@ -180,14 +181,13 @@ def analyze(
     student.to(dev)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    t_name = f"teacher {t_ckpt.get('model', {}).get('name', '?')}"
-    s_name = f"student {s_ckpt.get('model', {}).get('name', '?')} ({s_ckpt.get('method', '?')})"
+    t_name = f"teacher {t_ckpt.model.name}"
+    s_name = f"student {s_ckpt.model.name} ({s_ckpt.method})"
 
     metrics: dict[str, Any] = {
-        "teacher": {"checkpoint": str(teacher_ckpt), "model": t_ckpt.get("model", {}).get("name"),
-                    "epoch": t_ckpt.get("epoch")},
-        "student": {"checkpoint": str(student_ckpt), "model": s_ckpt.get("model", {}).get("name"),
-                    "method": s_ckpt.get("method"), "epoch": s_ckpt.get("epoch")},
+        "teacher": {"checkpoint": str(teacher_ckpt), "model": t_ckpt.model.name, "epoch": t_ckpt.epoch},
+        "student": {"checkpoint": str(student_ckpt), "model": s_ckpt.model.name,
+                    "method": s_ckpt.method, "epoch": s_ckpt.epoch},
         "dataset": data_cfg.name, "temperature": temperature, "splits": {},
     }
     doc = _Doc(f"kdlab analysis: {s_name} vs {t_name}")

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import yaml
+from scipy.stats import spearmanr
 
 from kdlab.errors import ConfigError
 
@@ -126,8 +128,6 @@ def class_similarity(probs: Any, targets: Any, num_classes: int | None = None) -
 def similarity_rank_corr(probs: Any, targets: Any, groups: Sequence[int]) -> float:
     """Spearman correlation between `class_similarity` and same-group indicators over the class
     pairs a < b whose classes both have samples and a group."""
-    from scipy.stats import spearmanr
-
     p, t, g = _as_arrays(probs, targets, groups)
     sim = class_similarity(p, t, p.shape[1])
     iu = np.triu_indices(len(g), k=1)
@@ -162,8 +162,6 @@ def resolve_groups(spec: Any, class_names: Sequence[str], where: str = "chain.gr
         path = Path(spec).expanduser()
         if not path.is_file():
             raise ConfigError(f"{where}: file {spec!r} does not exist; give a YAML/JSON file or an inline list")
-        import yaml
-
         try:
             spec = yaml.safe_load(path.read_text()) if path.suffix != ".json" else json.loads(path.read_text())
         except (yaml.YAMLError, json.JSONDecodeError) as exc:

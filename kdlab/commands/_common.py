@@ -12,21 +12,16 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def print_table(headers: list[str], rows: list[list], file=None) -> None:
-    """A plain aligned text table (readable in logs and pasteable into Markdown)."""
-    import sys
-
-    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    out = file or sys.stdout
-    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    print(line(cells[0]), file=out)
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|", file=out)
-    for r in cells[1:]:
-        print(line(r), file=out)
+OVERWRITE_HELP = "replace what the run folder holds: delete the earlier run's files first, then train from scratch"
 
 
-def _fmt(c) -> str:
-    if isinstance(c, float):
-        return f"{c:.2f}"
-    return str(c)
+def add_run_folder_args(p: argparse.ArgumentParser, resume_help: str, *, resume_checkpoint: bool = False) -> None:
+    """--resume and --overwrite (one or the other): the two ways to train into a folder that
+    already holds a run (the third is another name=); without either, such a folder is refused
+    untouched (kdlab.engine.run_folder). `resume_checkpoint`: --resume may name the checkpoint."""
+    g = p.add_mutually_exclusive_group()
+    if resume_checkpoint:
+        g.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT", help=resume_help)
+    else:
+        g.add_argument("--resume", action="store_true", help=resume_help)
+    g.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)

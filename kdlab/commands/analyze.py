@@ -37,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: keeps `kdlab --help` fast (torch, pydantic and the rest load only when the command runs)
     from kdlab.analysis.report import analyze
 
     m = analyze(args.teacher, args.student, args.out, overrides=args.overrides, splits=args.split,

@@ -1,29 +1,37 @@
-"""`kdlab demo`: the main job end to end on the bundled digits, no download needed."""
+"""`kdlab demo`: every method kdlab implements, end to end on the bundled digits, no download."""
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-HELP = "train a teacher, a student alone and a KD student on the bundled digits; print a table"
+HELP = "teacher, student alone, KD, DKD, ReviewKD and two chains of generations on the bundled digits"
 DESCRIPTION = """\
 The whole kdlab workflow on scikit-learn's bundled handwritten digits (1,797 8x8 images,
-shown to the networks at 16x16; no download):
+shown to the networks at 16x16; no download). A resnet20 teacher learns the full training
+split; a resnet8 student gets only 200 labelled digits:
 
-  1. train a resnet20 teacher on the full training split          (configs/digits/teacher.yaml)
-  2. train a resnet8 student alone on 200 labelled digits          (configs/digits/student_alone.yaml)
-  3. distil the same resnet8 from the teacher on those 200 digits  (configs/digits/kd.yaml)
+  teacher        resnet20 on all training digits            configs/digits/teacher.yaml
+  student alone  resnet8 on 200 digits, cross-entropy        configs/digits/student_alone.yaml
+  KD, DKD,       the same resnet8 and 200 digits, distilled  configs/digits/kd.yaml, dkd.yaml,
+  ReviewKD       from the teacher                            reviewkd.yaml
+  two chains     resnet8 patriarch + 2 generations, each     configs/digits/chain_tolerant.yaml
+                 taught by the previous one: a tolerant      (D(0.6, 0.6)) and chain_strict.yaml
+                 patriarch next to a strict one              (D(1.0, 0.6))
 
-and print teacher, student-alone and distilled-student accuracy on the held-out split.
-About a minute on 2 CPU cores. The runs land in --output-dir (default runs/demo).
+It prints one table (last and best top-1, gain over the student alone, seconds) and writes one
+figure (validation top-1 per epoch of every run, bars of the final top-1). About a minute on
+2 CPU cores; deterministic for a given machine and thread count. The runs land in --output-dir
+(default runs/demo); running the demo again replaces the earlier demo's runs there.
 """
 
-# The demo's configs, embedded so `kdlab demo` works from an installed package too;
+# The demo's experiments, embedded so that `kdlab demo` works from an installed package too;
 # configs/digits/*.yaml hold the same experiments as files (a test keeps them equal).
 TEACHER = {
     "name": "digits_teacher_resnet20",
     "model": {"name": "resnet20"},
-    "method": {"name": "vanilla"},
     "data": {"name": "digits", "batch_size": 64, "num_workers": 0},
     "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
     "schedule": {"name": "cosine", "warmup_epochs": 1},
@@ -35,61 +43,220 @@ STUDENT_ALONE = {
     "data": {"train_subset": 200},
     "train": {"epochs": 30},
 }
+_FROM_TEACHER = {"name": "resnet20", "checkpoint": "runs/digits_teacher_resnet20/best.pt"}
 KD = {
     "name": "digits_kd_resnet20_resnet8",
-    "teacher": {"name": "resnet20", "checkpoint": "runs/digits_teacher_resnet20/best.pt"},
+    "teacher": _FROM_TEACHER,
     "method": {"name": "kd", "temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9},
 }
+DKD = {
+    "name": "digits_dkd_resnet20_resnet8",
+    "teacher": _FROM_TEACHER,
+    "method": {"name": "dkd", "alpha": 1.0, "beta": 2.0, "temperature": 4.0, "warmup_epochs": 5},
+}
+REVIEWKD = {
+    "name": "digits_reviewkd_resnet20_resnet8",
+    "teacher": _FROM_TEACHER,
+    "method": {"name": "reviewkd", "weight": 1.0, "warmup_epochs": 5},
+}
+TOLERANT_CHAIN = {
+    "experiment": {"name": "digits_chain_tolerant_resnet8"},
+    "chain": {"notation": "D(0.6, 0.6)", "generations": 2, "patriarch": {"scores": "probabilities"}},
+}
+STRICT_CHAIN = {
+    "experiment": {"name": "digits_chain_strict_resnet8"},
+    "chain": {"notation": "D(1.0, 0.6)", "generations": 2},
+}
+MARKER = "kdlab-demo.json"  # written into --output-dir: marks the runs there as the demo's own
 
 
-def demo_configs(output_dir: str, scale: float = 1.0, device: str = "auto", progress: bool = True) -> list[dict]:
-    """The three raw configs (teacher, student alone, KD) as the demo runs them."""
+@dataclass(frozen=True)
+class DemoStep:
+    """One experiment (or chain) of the demo, as run, and the file in configs/digits/ that holds it."""
+
+    label: str
+    file: str
+    raw: dict
+    group: str  # teacher | alone | method | tolerant | strict
+    chain: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.raw["experiment"]["name"] if self.chain else self.raw["name"]
+
+
+def demo_steps(output_dir: str, scale: float = 1.0, device: str = "auto", progress: bool = True) -> list[DemoStep]:
+    """Every experiment of the demo in order (the teacher first), with output folder, device,
+    progress bars and `scale` x the epochs applied."""
     from kdlab.config import deep_merge
 
     teacher = deep_merge(TEACHER, {})
     student = deep_merge(teacher, STUDENT_ALONE)
-    kd = deep_merge(student, KD)
-    kd["teacher"]["checkpoint"] = str(Path(output_dir) / TEACHER["name"] / "best.pt")
-    out = []
-    for cfg in (teacher, student, kd):
-        cfg = deep_merge(cfg, {"output_dir": output_dir,
-                               "train": {"device": device, "progress": progress, "tensorboard": True}})
-        cfg["train"]["epochs"] = max(1, round(cfg["train"]["epochs"] * scale))
-        out.append(cfg)
-    return out
+    checkpoint = str(Path(output_dir) / TEACHER["name"] / "best.pt")
+    run = {"output_dir": output_dir, "train": {"device": device, "progress": progress, "tensorboard": False}}
+
+    def experiment(raw: dict) -> dict:
+        raw = deep_merge(raw, run)
+        raw["train"]["epochs"] = max(1, round(raw["train"]["epochs"] * scale))
+        if raw.get("teacher"):
+            raw["teacher"]["checkpoint"] = checkpoint
+        return raw
+
+    def chain(raw: dict) -> dict:
+        return {"experiment": experiment(deep_merge(student, raw["experiment"])), "chain": deep_merge(raw["chain"], {})}
+
+    return [
+        DemoStep("teacher (resnet20, all digits)", "teacher.yaml", experiment(teacher), "teacher"),
+        DemoStep("student alone (resnet8, 200 digits)", "student_alone.yaml", experiment(student), "alone"),
+        DemoStep("KD", "kd.yaml", experiment(deep_merge(student, KD)), "method"),
+        DemoStep("DKD", "dkd.yaml", experiment(deep_merge(student, DKD)), "method"),
+        DemoStep("ReviewKD", "reviewkd.yaml", experiment(deep_merge(student, REVIEWKD)), "method"),
+        DemoStep("tolerant", "chain_tolerant.yaml", chain(TOLERANT_CHAIN), "tolerant", chain=True),
+        DemoStep("strict", "chain_strict.yaml", chain(STRICT_CHAIN), "strict", chain=True),
+    ]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help=HELP, description=DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output-dir", default="runs/demo", help="where the three runs are written")
+    p.add_argument("--output-dir", default="runs/demo", help="where the runs are written (default runs/demo)")
+    p.add_argument("--figure", default=None, metavar="PNG",
+                   help="where the figure is written (default <output-dir>/demo.png)")
     p.add_argument("--scale", type=float, default=1.0,
                    help="multiply every run's epochs (e.g. 0.1 for a smoke test)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--task", choices=["classification", "detection"], default="classification",
+                   help="detection: the detection demo on generated shapes (kdlab/commands/_demo_detection.py)")
     p.set_defaults(func=run)
+
+
+@dataclass
+class Row:
+    """A finished run as the table and the figure show it."""
+
+    label: str
+    method: str
+    result: dict
+    history: list
+    seconds: float
+    group: str  # teacher | alone | method | tolerant | strict (picks the figure panel and colour)
+    generation: int = 0
+
+
+def earlier_demo(output_dir: Path, steps: list[DemoStep]) -> bool:
+    """True when `output_dir` holds an earlier demo (its marker file), whose runs this one replaces
+    (`overwrite`). Run folders of the demo's names without the marker are someone else's: refused."""
+    from kdlab.errors import KDLabError
+
+    if (output_dir / MARKER).is_file():
+        return True
+    taken = [output_dir / s.name for s in steps if (output_dir / s.name).exists()]
+    if taken:
+        raise KDLabError(
+            f"{taken[0]} exists but was not written by 'kdlab demo' (there is no {output_dir / MARKER}); "
+            "pass another --output-dir, or move that folder away"
+        )
+    return False
+
+
+def _read_run(run_dir: Path) -> tuple[dict, list]:
+    from kdlab.analysis.curves import read_metrics
+
+    result = json.loads((run_dir / "result.json").read_text())
+    return result, read_metrics(run_dir)
+
+
+def _epoch_seconds(history: list) -> float:
+    return sum(float(r.get("time_s", 0.0)) for r in history)
 
 
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from kdlab.commands._common import print_table
+    if getattr(args, "task", "classification") == "detection":
+        from kdlab.commands._demo_detection import run as run_detection
+
+        return run_detection(args)
+
+    # Imported here, not at the top: `kdlab --help` should not load torch.
     from kdlab.config import load_config
     from kdlab.engine.trainer import Trainer
-    from kdlab.models import create_model
+    from kdlab.generations.config import load_chain
+    from kdlab.generations.runner import run_chain
+    from kdlab.text_table import print_table
 
-    rows = []
-    labels = ["teacher (resnet20, all digits)", "student alone (resnet8, 200 digits)",
-              "student + KD (resnet8, 200 digits)"]
     t0 = time.perf_counter()
-    for label, raw in zip(labels, demo_configs(args.output_dir, args.scale, args.device, sys.stderr.isatty())):
-        cfg = load_config(data=raw)
-        print(f"== {label}: {cfg.train.epochs} epochs", file=sys.stderr, flush=True)
-        result = Trainer(cfg).fit()
-        params = sum(p.numel() for p in create_model(cfg.model.name, num_classes=10).parameters()) / 1e6
-        rows.append([label, cfg.method.name, f"{params:.3f}M", result.last_top1, result.best_top1, result.run_dir])
+    output_dir = Path(args.output_dir)
+    steps = demo_steps(str(output_dir), args.scale, args.device, sys.stderr.isatty())
+    overwrite = earlier_demo(output_dir, steps)
+    if overwrite:
+        print(f"replacing the earlier demo's runs in {output_dir}/ (overwrite)", file=sys.stderr, flush=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / MARKER).write_text(json.dumps({"runs": [s.name for s in steps], "scale": args.scale}) + "\n")
+    rows: list[Row] = []
+    for step in steps:
+        if step.chain:
+            chain = load_chain(data=step.raw)
+            print(f"== {step.label} chain {chain.settings.label}: patriarch + {chain.settings.generations} "
+                  f"generations, {chain.configs[0].train.epochs} epoch(s) each", file=sys.stderr, flush=True)
+            run_chain(chain, overwrite=overwrite, report=False)
+            for m, cfg in enumerate(chain.configs):
+                result, history = _read_run(chain.run_dir(m))
+                what = "patriarch" if m == 0 else f"generation {m}"
+                rows.append(Row(f"{step.label} {chain.settings.label}: {what}", cfg.method.name, result, history,
+                                _epoch_seconds(history), step.group, m))
+        else:
+            cfg = load_config(data=step.raw)
+            print(f"== {step.label}: {cfg.train.epochs} epoch(s)", file=sys.stderr, flush=True)
+            done = Trainer(cfg, overwrite=overwrite).fit()
+            rows.append(Row(step.label, cfg.method.name, done.to_json(), done.history, _epoch_seconds(done.history),
+                            step.group))
+    figure = Path(args.figure) if args.figure else output_dir / "demo.png"
+    draw_figure(rows, figure)
+
+    alone = next(r for r in rows if r.group == "alone").result["last_top1"]
+    table = []
+    for row in rows:
+        gain = "" if row.group == "teacher" else f"{row.result['last_top1'] - alone:+.2f}"
+        table.append([row.label, row.method, row.result["last_top1"], row.result["best_top1"], gain,
+                      f"{row.seconds:.1f}"])
     print()
-    print_table(["model", "method", "params", "top-1 last", "top-1 best", "run folder"], rows)
-    gain = rows[2][3] - rows[1][3]
-    print(f"\nKD changes the student's last-epoch top-1 by {gain:+.2f} points "
-          f"({time.perf_counter() - t0:.0f} s in all). Curves: tensorboard --logdir {args.output_dir}")
+    print_table(["run", "method", "top-1 last", "top-1 best", "gain (last)", "train s"], table)
+    print(f"\ngain: last-epoch top-1 minus the student alone's ({alone:.2f}); train s: the run's epochs "
+          f"(training and evaluation). {time.perf_counter() - t0:.0f} s in all.")
+    print(f"figure: {figure}")
+    print(f"runs: {output_dir}/ (more curves: kdlab plot {output_dir})")
     return 0
+
+
+def draw_figure(rows: list[Row], path: Path) -> Path:
+    """Curves of the single-teacher methods, curves of the two chains, bars of the last top-1."""
+    from kdlab.analysis.overview import Curve, Panel, plot_overview
+
+    shades = {"tolerant": ["#fdae6b", "#e6550d", "#a63603"], "strict": ["#9ecae1", "#3182bd", "#08519c"]}
+    methods = iter(["C2", "C4", "C3"])
+    colors, curves = [], []
+    for row in rows:
+        if row.group == "teacher":
+            curve = Curve("teacher (resnet20, all digits)", row.history, "0.55", ":")
+        elif row.group == "alone":
+            curve = Curve("student alone", row.history, "k")
+        elif row.group == "method":
+            curve = Curve(row.label, row.history, next(methods))
+        else:  # a generation of a chain: one hue per chain, darker and dashed as m grows
+            m = min(row.generation, 2)
+            curve = Curve(f"{row.group} gen {row.generation}", row.history, shades[row.group][m], ["-", "--", ":"][m])
+        colors.append(curve.color)
+        curves.append(curve)
+    alone = next(r for r in rows if r.group == "alone")
+    # Wide and underneath: the strict patriarch (cross-entropy, the same seed) retraces it.
+    reference = Curve("student alone", alone.history, "k", width=4.0)
+    panels = [
+        Panel("one teacher, three methods (resnet20 -> resnet8, 200 digits)",
+              [c for c, r in zip(curves, rows) if r.group in ("teacher", "alone", "method")]),
+        Panel("generations (resnet8 -> resnet8, 200 digits)",
+              [reference] + [c for c, r in zip(curves, rows) if r.group in ("tolerant", "strict")]),
+    ]
+    bars = [(r.label, float(r.result["last_top1"]), c) for r, c in zip(rows, colors)]
+    return plot_overview(panels, bars, path, reference=("student alone", float(alone.result["last_top1"])),
+                         title="kdlab demo on the bundled digits: validation top-1")

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+
+from kdlab.errors import CheckpointError
 
 HELP = "evaluate a checkpoint on its validation set (top-1, top-5, loss)"
 
@@ -16,19 +19,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
+    # lazy: keeps `kdlab --help` fast (torch, pydantic and the rest load only when the command runs)
     from kdlab.config import load_config
     from kdlab.data import build_datasets
     from kdlab.engine.build import eval_loader
     from kdlab.engine.checkpoint import build_model_from_checkpoint
+    from kdlab.engine.device import resolve_device
     from kdlab.engine.evaluate import evaluate
-    from kdlab.engine.trainer import resolve_device
 
     model, ckpt = build_model_from_checkpoint(args.checkpoint)
-    cfg = load_config(data=ckpt["config"], overrides=args.overrides)
+    if not ckpt.config:
+        raise CheckpointError(
+            f"checkpoint {args.checkpoint!r} records no config, so kdlab eval cannot tell which dataset to "
+            "evaluate it on; evaluate a checkpoint written by 'kdlab train' (best.pt, last.pt)")
+    cfg = load_config(data=ckpt.config, overrides=args.overrides)
     data = build_datasets(cfg.data)
     device = resolve_device(args.device)
     metrics = evaluate(model.to(device), eval_loader(data.val, cfg.data, device.type), data.num_classes, device)
-    print(json.dumps({"checkpoint": args.checkpoint, "model": cfg.model.name, "epoch": ckpt["epoch"], **metrics}))
+    print(json.dumps({"checkpoint": args.checkpoint, "model": cfg.model.name, "epoch": ckpt.epoch, **metrics}))
     return 0

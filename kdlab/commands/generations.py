@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
-from kdlab.commands._common import add_config_args, print_table
+from kdlab.commands._common import add_config_args, add_run_folder_args
+from kdlab.text_table import print_table
 
 HELP = "train a chain of generations from a (tolerant) patriarch, with a per-generation report"
 DESCRIPTION = """\
@@ -11,22 +13,26 @@ Training in generations (Yang et al., arXiv 1805.05551): generation 0, the patri
 alone (strict CE, or tolerant: eta*CE + (1-eta)*top-score difference, or label smoothing, or
 the confidence penalty); generation m >= 1 trains with (1-lam)*CE + lam*tau^2*KL(teacher||student)
 from generation m-1 of the same architecture. The config has an `experiment:` block (model,
-data, optim, schedule, train) and a `chain:` block (notation "D(eta, lam)", generations, ...).
+data, optim, schedule, train) and a `chain:` block (notation "D(eta, lam)", generations, and
+`patriarch:`, the tolerant method's config of generation 0).
 
 Writes <output_dir>/<experiment.name>/gen0..genN/ (normal run folders), chain.yaml, and
 generations.md / generations.json: top-1/top-5 (last and best epoch) per generation, the
 teacher's and the generation's own mean target probability, secondary-information metrics,
 and the accuracy of ensembles of the first g generations.
 
-Run it again after an interruption: finished generations are skipped and the interrupted one
-resumes from its last.pt. Overrides: experiment keys may drop the 'experiment.' prefix
-(train.epochs=2); chain keys need 'chain.' (chain.generations=2).
+A chain folder that already holds generations is refused untouched. After an interruption,
+run it again with --resume: finished generations are kept and the interrupted one continues
+from its last.pt. --overwrite deletes the earlier chain first. Overrides: experiment keys may
+drop the 'experiment.' prefix (train.epochs=2, name=...); chain keys need 'chain.'
+(chain.generations=2, chain.patriarch.k=3).
 """
 EPILOG = """\
 examples:
   kdlab generations configs/cifar100/generations/resnet56_d06_06.yaml data.root=/data/cifar100
   kdlab generations configs/cifar10/generations/resnet8_d06_06.yaml chain.generations=2
   kdlab generations CONFIG --dry-run      # validate and show the plan, train nothing
+  kdlab generations CONFIG --resume       # continue an interrupted chain
   kdlab generations CONFIG --report       # (re)write the report from finished generations
 """
 
@@ -39,11 +45,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     mode.add_argument("--dry-run", action="store_true", help="validate the chain and print its plan; train nothing")
     mode.add_argument("--report", action="store_true",
                       help="only evaluate the finished generations and write the report")
+    add_run_folder_args(p, "continue the chain in its folder: finished generations are kept, an "
+                           "interrupted one continues from its last.pt")
     p.set_defaults(func=run)
 
 
 def print_plan(chain) -> None:
-    from kdlab.analysis.generations import describe_generation
+    from kdlab.generations.report import describe_generation  # lazy: keeps `kdlab --help` fast
 
     print(f"{chain.name}: {chain.settings.label}  ->  {chain.root}")
     rows = []
@@ -55,7 +63,7 @@ def print_plan(chain) -> None:
 
 
 def print_report(report: dict) -> None:
-    from kdlab.analysis.generations import ensemble_table, generation_table
+    from kdlab.generations.report import ensemble_table, generation_table  # lazy: keeps `kdlab --help` fast
 
     print(f"{report['chain']}: {report['label']}  ({report['finished']}/{report['planned']} generations, "
           f"teacher = {report['settings']['checkpoint']}.pt of the previous generation)")
@@ -66,18 +74,24 @@ def print_report(report: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kdlab.engine.generations import load_chain, run_chain
+    # lazy: keeps `kdlab --help` fast (torch, pydantic and the rest load only when the command runs)
+    from kdlab.generations.config import load_chain
+    from kdlab.generations.runner import chain_refusal, run_chain
 
     chain = load_chain(args.config, args.overrides)
     if args.dry_run:
         print_plan(chain)
+        problem = chain_refusal(chain, resume=args.resume, overwrite=args.overwrite)
+        if problem:
+            print(f"\ndry run: would refuse: {problem}", file=sys.stderr)
+            return 1
         return 0
     if args.report:
-        from kdlab.analysis.generations import write_report
+        from kdlab.generations.report import write_report  # lazy: as above
 
         report = write_report(chain)
     else:
-        report = run_chain(chain)
+        report = run_chain(chain, resume=args.resume, overwrite=args.overwrite)
     if report is not None:
         print_report(report)
     return 0

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kdlab.analysis.curves import plot_curves
+    from kdlab.analysis.curves import plot_curves  # lazy: keeps `kdlab --help` fast (matplotlib)
 
     info = plot_curves(args.runs, args.out, labels=args.labels, stats=args.stats, lr=args.lr, log_loss=args.log)
     print(f"{info['path']}: {len(info['runs'])} run(s) ({', '.join(info['runs'])}); "

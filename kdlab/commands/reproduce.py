@@ -2,6 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import sys
+
+from kdlab.commands._common import add_run_folder_args
+from kdlab.errors import ConfigError
+from kdlab.text_table import print_table
 
 HELP = "list the papers' published numbers, or train chosen rows and compare measured vs published"
 DESCRIPTION = """\
@@ -15,8 +22,10 @@ Rows are ids or globs ('dkd/cifar100/*'). Before any training, every chosen row 
 its config (and teacher config) must exist and validate, its dataset must be readable
 (pass data.root=PATH), its teacher checkpoint or weights must exist or be trainable from
 the row's teacher config. A row that cannot run says why; the others still run. Teachers
-are trained first when their checkpoint is missing; finished runs are reused, interrupted
-ones resume. A top1_gain row (DKD Table 1) also runs its baseline row (the student alone).
+are trained first when their checkpoint is missing (a finished teacher is reused). A row whose
+run folder already holds a run is refused untouched: pass --resume to reuse finished runs and
+continue interrupted ones, or --overwrite to delete and retrain them. A top1_gain row (DKD
+Table 1) also runs its baseline row (the student alone).
 
 Overrides: method.*, teacher.* and name apply to the row's own config; every other key
 (data.root, train.epochs, output_dir, train.device, ...) to its teacher's config too. With
@@ -27,6 +36,7 @@ examples:
   kdlab reproduce dkd/cifar100/resnet32x4_resnet8x4 kd/cifar100/resnet32x4_resnet8x4 data.root=/data/cifar100
   kdlab reproduce 'dkd/cifar100/*' data.root=/data/cifar100 --dry-run
   kdlab reproduce dkd/cifar100/resnet32x4_resnet8x4 data.root=/data/cifar100 --seeds 3
+  kdlab reproduce 'dkd/cifar100/*' data.root=/data/cifar100 --resume   # after an interruption
 """
 
 
@@ -42,29 +52,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--root", default=None, help="folder the rows' configs/ paths are relative to "
                    "(default: the current folder if it has configs/, else the kdlab checkout)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the outcomes as JSON")
+    add_run_folder_args(p, "reuse the rows' finished runs and continue interrupted ones in their folders")
     p.set_defaults(func=run)
 
 
 def _num(x) -> str:
-    import math
-
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
     return f"{x:+.2f}" if isinstance(x, float) and x < 0 else f"{x:.2f}"
 
 
 def _signed(x) -> str:
-    import math
-
     return "-" if x is None or math.isnan(x) else f"{x:+.2f}"
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-    import sys
-
-    from kdlab.commands._common import print_table
-    from kdlab.errors import ConfigError
+    # lazy: keeps `kdlab --help` fast (torch, pydantic and the rest load only when the command runs)
     from kdlab.reproduce.runner import plan_rows, repo_root, reproduce
     from kdlab.reproduce.table import load_rows, select_rows
 
@@ -88,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
                           "e.g. kdlab reproduce dkd/cifar100/resnet32x4_resnet8x4 data.root=/data/cifar100")
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
-    plans = plan_rows(select_rows(patterns, rows), overrides, root=args.root, seeds=args.seeds, all_rows=rows)
+    plans = plan_rows(select_rows(patterns, rows), overrides, root=args.root, seeds=args.seeds, all_rows=rows,
+                      resume=args.resume, overwrite=args.overwrite)
     problems = [p for p in plans if p.problem]
     print_table(["row", "status", "teacher", "run folder"],
                 [[p.row.id + (" (baseline)" if p.is_dependency else ""), p.status, p.teacher_action,

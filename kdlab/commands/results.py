@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import sys
+
+from kdlab.errors import KDLabError
 
 HELP = "one table of every finished run under a folder (seeds grouped: mean ± std)"
 DESCRIPTION = """\
@@ -29,10 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import fnmatch
-    import sys
-
-    from kdlab.errors import KDLabError
+    # lazy: keeps `kdlab --help` fast (torch, pydantic and the rest load only when the command runs)
     from kdlab.experiments.results import find_runs, format_csv, format_text, group_runs, unfinished_runs
 
     groups = group_runs(find_runs(args.folder), root=args.folder)

@@ -1,35 +1,53 @@
-"""Is a finished run folder the same experiment as the one now asked for?
+"""kdlab's one definition of "the same experiment".
 
-`kdlab reproduce` and `kdlab generations` reuse finished runs and resume interrupted ones;
-both must refuse a folder that trained something else. Two configs are the same experiment
-when they agree on everything but the settings below, which change where the data lives,
-how fast it runs or how it is logged, not what is trained.
+Two configs are the same experiment when they agree on everything but
+
+- where the run is written (`name`, `output_dir`), and
+- the settings in `VOLATILE`, which change where the data lives, how fast it runs or how it
+  is logged, not what is trained.
+
+Who asks: a run folder (`kdlab.engine.run_folder.RunFolder.differences`) refuses to be reused
+or resumed by `kdlab reproduce` / `kdlab generations` for another experiment, and
+`kdlab results` flags a seed group whose runs are not the same experiment up to their seed
+(`across_seeds=True`).
 """
 from __future__ import annotations
 
 from typing import Any
 
+# The run's own place: never part of what is trained.
+PLACE = ("name", "output_dir")
+
 VOLATILE: dict[str, set[str]] = {
     "data": {"root", "num_workers", "pin_memory", "persistent_workers", "eval_batch_size", "pipeline"},
     "train": {"device", "progress", "tensorboard", "save_every", "eval_every", "compile", "channels_last",
-              "deterministic", "nonfinite", "max_skipped", "amp"},
+              "deterministic", "nonfinite", "max_skipped", "amp", "check_every"},
     "teacher": {"checkpoint", "cache"},
 }
 
 
-def experiment_identity(cfg: dict) -> dict:
-    """The parts of a config dict that define what is trained."""
+def experiment_identity(cfg: dict, *, across_seeds: bool = False) -> dict:
+    """The parts of a config dict that define what is trained (`across_seeds`: the seed too)."""
     out = {}
-    for section in ("model", "teacher", "method", "data", "optim", "schedule", "train"):
-        value = cfg.get(section)
+    for section, value in cfg.items():
+        if section in PLACE:
+            continue
         if isinstance(value, dict):
-            value = {k: v for k, v in value.items() if k not in VOLATILE.get(section, set())}
+            drop = set(VOLATILE.get(section, ()))
+            if across_seeds and section == "train":
+                drop.add("seed")
+            value = {k: v for k, v in value.items() if k not in drop}
         out[section] = value
     return out
 
 
 def config_differences(a: Any, b: Any, prefix: str = "") -> list[str]:
-    """Dotted keys where two nested dicts differ, as 'key: old -> new'."""
+    """Dotted keys where two nested dicts differ, as 'key: old -> new' (a section missing on
+    one side is compared key by key, as if it were empty)."""
+    if isinstance(a, dict) and b is None:
+        b = {}
+    if isinstance(b, dict) and a is None:
+        a = {}
     if isinstance(a, dict) and isinstance(b, dict):
         out: list[str] = []
         for key in sorted(set(a) | set(b)):
@@ -38,6 +56,7 @@ def config_differences(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} -> {b!r}"]
 
 
-def run_differences(saved: dict, wanted: dict) -> list[str]:
+def run_differences(saved: dict, wanted: dict, *, across_seeds: bool = False) -> list[str]:
     """What makes the saved run's config another experiment than `wanted` ([] if none)."""
-    return config_differences(experiment_identity(saved), experiment_identity(wanted))
+    return config_differences(experiment_identity(saved, across_seeds=across_seeds),
+                              experiment_identity(wanted, across_seeds=across_seeds))

@@ -15,6 +15,7 @@ from typing import Any, Iterable
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from kdlab.config.resolve import REGISTRY_NAMES
 from kdlab.config.schema import ExperimentConfig, MethodConfig
 from kdlab.errors import ConfigError
 from kdlab.registry import UnknownNameError, closest
@@ -31,6 +32,23 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
+def read_text_file(path: Path, kind: str = "config") -> str:
+    """The text of a UTF-8 file (a UTF-8 byte-order mark is allowed); anything else is one
+    `ConfigError` naming the file, instead of a `UnicodeDecodeError` traceback."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{kind} file {str(path)!r} cannot be read ({exc.strerror or exc})") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        utf16 = raw[:2] in (b"\xff\xfe", b"\xfe\xff")
+        raise ConfigError(
+            f"{kind} file {str(path)!r} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}"
+            + ("; it looks like UTF-16" if utf16 else "") + "); save it as UTF-8"
+        ) from None
+
+
 def load_yaml_mapping(path: str | Path, _seen: tuple[Path, ...] = (), *, kind: str = "config",
                       shape: str = "a mapping of sections") -> tuple[dict, Path]:
     """Parse one YAML file that must hold a mapping; every failure is one `ConfigError`.
@@ -45,7 +63,7 @@ def load_yaml_mapping(path: str | Path, _seen: tuple[Path, ...] = (), *, kind: s
     if resolved in _seen:
         raise ConfigError(f"{kind} 'base:' chain loops back to {str(path)!r}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(read_text_file(path, kind)) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
@@ -81,6 +99,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+def override_section(text: str) -> str:
+    """The top-level key a `key.subkey=value` override sets ('key'); routes overrides between configs."""
+    return text.split("=", 1)[0].strip().split(".", 1)[0]
+
+
 def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
     out = copy.deepcopy(data)
     for text in overrides:
@@ -96,38 +119,46 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
     return out
 
 
-def _section_class(loc: tuple, data: dict) -> type[BaseModel] | None:
-    """The schema class that owns the key at `loc` (for did-you-mean suggestions)."""
-    from kdlab.methods import method_config_class
+def _section_class(loc: tuple, data: Any, model: type[BaseModel]) -> type[BaseModel] | None:
+    """The schema class that owns the key at `loc` (for did-you-mean suggestions).
 
-    cls: type[BaseModel] | None = ExperimentConfig
-    for i, part in enumerate(loc[:-1]):
+    Walks the field annotations from `model`; a field typed as the `MethodConfig` base
+    resolves to the config class its `name` selects in `data` (method sections are open-ended).
+    """
+    cls: type[BaseModel] | None = model
+    node = data
+    for part in loc[:-1]:
         if cls is None:
             return None
-        if cls is ExperimentConfig and part == "method":
-            method = data.get("method")
-            name = method.get("name", "vanilla") if isinstance(method, dict) else method or "vanilla"
-            try:
-                cls = method_config_class(str(name))
-            except UnknownNameError:
-                return None
-            continue
         field = cls.model_fields.get(str(part))
         if field is None:
             return None
+        node = node.get(part) if isinstance(node, dict) else None
         ann = field.annotation
         candidates = [ann, *getattr(ann, "__args__", ())]
         cls = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if cls is MethodConfig:
+            name = node.get("name", "vanilla") if isinstance(node, dict) else node or "vanilla"
+            try:
+                cls = REGISTRY_NAMES.method_config(str(name))
+            except UnknownNameError:
+                return None
     return cls
 
 
-def _format_errors(exc: ValidationError, data: dict) -> str:
+def format_validation_errors(exc: ValidationError, model: type[BaseModel], data: Any, *,
+                             title: str = "invalid config", missing_hints: dict[str, str] | None = None) -> str:
+    """One message listing every problem of `exc` (raised validating `data` as `model`): each
+    offending key, what is wrong, and for a misspelt key the closest valid one.
+
+    `missing_hints` adds an explanation after 'missing required key K' for chosen keys K.
+    """
     lines = []
     for err in exc.errors():
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         key = ".".join(str(p) for p in loc) or "(config)"
         if err["type"] == "extra_forbidden":
-            cls = _section_class(loc, data)
+            cls = _section_class(loc, data, model)
             valid = sorted(cls.model_fields) if cls is not None else []
             hint = closest(str(loc[-1]), valid) if valid else None
             msg = f"unknown key {key!r}"
@@ -136,24 +167,22 @@ def _format_errors(exc: ValidationError, data: dict) -> str:
             if valid:
                 msg += f" Valid keys here: {', '.join(valid)}"
         elif err["type"] == "missing":
-            msg = f"missing required key {key!r}"
+            msg = f"missing required key {key!r}" + (missing_hints or {}).get(key, "")
         else:
-            text = err["msg"]
-            if text.startswith("Value error, "):
-                text = text[len("Value error, "):]
+            text = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
             got = err.get("input")
             got_text = "" if isinstance(got, dict) else f" (got {got!r})"
             msg = f"{key}: {text}{got_text}"
         lines.append(msg)
-    return "invalid config:\n  - " + "\n  - ".join(lines)
+    return f"{title}:\n  - " + "\n  - ".join(lines)
 
 
 def validate_config(data: dict) -> ExperimentConfig:
     """Validate a raw mapping; raise one `ConfigError` listing every problem."""
     try:
-        return ExperimentConfig.model_validate(data)
+        return ExperimentConfig.model_validate(data, context=REGISTRY_NAMES)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, data)) from None
+        raise ConfigError(format_validation_errors(exc, ExperimentConfig, data)) from None
     except UnknownNameError as exc:
         raise ConfigError(f"invalid config: {exc}") from None
 
@@ -180,7 +209,10 @@ __all__ = [
     "config_to_dict",
     "deep_merge",
     "dump_config",
+    "format_validation_errors",
     "load_config",
+    "load_yaml_mapping",
+    "override_section",
     "read_yaml",
     "validate_config",
 ]

@@ -7,10 +7,18 @@ One YAML file describes one experiment; `kdlab.config.load_config` validates it 
 The `method` section is open-ended: each distillation method registers its own config
 class (a `MethodConfig` subclass) next to its implementation in `kdlab/methods/`, and the
 `name` key selects it. Adding a method therefore never edits this file.
+
+This module sits below the method, model and dataset packages (they import it), so it never
+imports them. What depends on their registries (which config class `method.name` selects,
+whether a model or dataset name exists, whether a method needs a teacher) is asked of a
+`NameResolver` passed as the pydantic validation context; `kdlab.config.resolve` provides the
+one that reads the registries, and `kdlab.config.validate_config` / `load_config` pass it.
+Without it, model and dataset names are not checked and the `method` section must already
+be a `MethodConfig` instance.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import (
     BaseModel,
@@ -21,9 +29,43 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     SerializeAsAny,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
+
+from kdlab.config.detection import DetectionConfig
+
+
+@runtime_checkable
+class NameResolver(Protocol):
+    """The registry look-ups validation needs; each unknown name raises `KeyError` whose text
+    lists the valid names (`kdlab.registry.UnknownNameError`)."""
+
+    def method_config(self, name: str) -> type["MethodConfig"]:
+        """The config class of method `name`."""
+
+    def method_requires_teacher(self, name: str) -> bool:
+        """Whether method `name` trains against a teacher."""
+
+    def check_model(self, name: str) -> None:
+        """Raise unless a model called `name` can be built."""
+
+    def check_dataset(self, name: str) -> None:
+        """Raise unless a dataset called `name` is registered."""
+
+
+def _resolver(info: ValidationInfo) -> NameResolver | None:
+    return info.context if isinstance(info.context, NameResolver) else None
+
+
+def _checked_name(check, value: str) -> str:
+    # Registry errors are KeyErrors, which pydantic would not collect; make them ValueErrors.
+    try:
+        check(value)
+    except KeyError as exc:
+        raise ValueError(str(exc)) from None
+    return value
 
 
 class StrictModel(BaseModel):
@@ -53,15 +95,9 @@ class ModelConfig(StrictModel):
 
     @field_validator("name")
     @classmethod
-    def _known_model(cls, v: str) -> str:
-        from kdlab.models.registry import check_model_name
-        import kdlab.models  # noqa: F401  (registers the zoo and the tv:/timm: prefixes)
-
-        try:
-            check_model_name(v)
-        except KeyError as exc:
-            raise ValueError(str(exc)) from None
-        return v
+    def _known_model(cls, v: str, info: ValidationInfo) -> str:
+        names = _resolver(info)
+        return _checked_name(names.check_model, v) if names is not None else v
 
 
 class TeacherConfig(ModelConfig):
@@ -109,14 +145,9 @@ class DataConfig(StrictModel):
 
     @field_validator("name")
     @classmethod
-    def _known_dataset(cls, v: str) -> str:
-        from kdlab.data import DATASETS
-
-        try:
-            DATASETS.get(v)
-        except KeyError as exc:
-            raise ValueError(str(exc)) from None
-        return v
+    def _known_dataset(cls, v: str, info: ValidationInfo) -> str:
+        names = _resolver(info)
+        return _checked_name(names.check_dataset, v) if names is not None else v
 
 
 class OptimConfig(StrictModel):
@@ -131,7 +162,20 @@ class ScheduleConfig(StrictModel):
     name: Literal["multistep", "cosine", "constant"] = "multistep"
     milestones: list[PositiveInt] = Field(default_factory=lambda: [150, 180, 210])
     gamma: float = Field(default=0.1, gt=0.0, le=1.0)
+    unit: Literal["epoch", "iteration"] = Field(
+        default="epoch",
+        description="epoch: the rate changes once per epoch and milestones/warmup_epochs count epochs "
+        "(the CIFAR/ImageNet recipes); iteration: it changes every step, milestones count iterations and "
+        "the warm-up is warmup_iterations (the Detectron2-style detection recipes)",
+    )
     warmup_epochs: NonNegativeInt = Field(default=0, description="Linear learning-rate warm-up.")
+    warmup_iterations: NonNegativeInt = Field(
+        default=0, description="With unit=iteration: linear warm-up over this many steps."
+    )
+    warmup_start_factor: float = Field(
+        default=0.001, gt=0.0, le=1.0,
+        description="With unit=iteration: the warm-up's first multiplier (Detectron2's WARMUP_FACTOR).",
+    )
     min_lr: NonNegativeFloat = 0.0
 
     @field_validator("milestones")
@@ -165,6 +209,16 @@ class TrainConfig(StrictModel):
     max_skipped: NonNegativeInt = Field(
         default=100, description="With nonfinite=skip, stop after this many skipped batches."
     )
+    iterations: PositiveInt | None = Field(
+        default=None,
+        description="Train for this many optimizer steps instead of train.epochs (iteration-based "
+        "recipes); the last epoch stops part-way",
+    )
+    check_every: PositiveInt = Field(
+        default=50,
+        description="Steps between host reads of the on-device non-finite flag and progress-bar "
+        "updates (the training step itself never waits for the host)",
+    )
     progress: bool = True
     tensorboard: bool = True
 
@@ -174,6 +228,9 @@ class ExperimentConfig(StrictModel):
 
     name: str = "run"
     output_dir: str = "runs"
+    task: Literal["classification", "detection"] = Field(
+        default="classification", description="classification | detection (docs/detection.md)"
+    )
     model: ModelConfig
     teacher: TeacherConfig | None = None
     method: SerializeAsAny[MethodConfig] = Field(
@@ -183,27 +240,40 @@ class ExperimentConfig(StrictModel):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    detection: DetectionConfig | None = Field(
+        default=None, description="task: detection only: data files, image sizes, labels (docs/detection.md)"
+    )
 
     @field_validator("method", mode="before")
     @classmethod
-    def _resolve_method(cls, value: Any) -> Any:
+    def _resolve_method(cls, value: Any, info: ValidationInfo) -> Any:
         # The method section is validated by the class its `name` selects.
-        from kdlab.methods import method_config_class
-
         if isinstance(value, MethodConfig):
             return value
         if isinstance(value, str):
             value = {"name": value}
         if not isinstance(value, dict):
             raise ValueError("method must be a mapping with a 'name' key, e.g. {name: kd}")
-        name = value.get("name", "vanilla")
-        return method_config_class(str(name)).model_validate(value)
+        names = _resolver(info)
+        if names is None:
+            raise ValueError(
+                "the method section can only be validated with its method's config class: validate "
+                "experiment configs with kdlab.config.validate_config (or load_config), not "
+                "ExperimentConfig.model_validate"
+            )
+        return names.method_config(str(value.get("name", "vanilla"))).model_validate(value, context=names)
 
     @model_validator(mode="after")
-    def _teacher_matches_method(self) -> "ExperimentConfig":
-        from kdlab.methods import method_class
+    def _detection_section_needs_task(self) -> "ExperimentConfig":
+        if self.detection is not None and self.task != "detection":
+            raise ValueError("a 'detection:' section is only read with task: detection; add 'task: detection' "
+                             "or remove the section")
+        return self
 
-        needs = method_class(self.method.name).requires_teacher
+    @model_validator(mode="after")
+    def _teacher_matches_method(self, info: ValidationInfo) -> "ExperimentConfig":
+        names = _resolver(info)
+        needs = names is not None and names.method_requires_teacher(self.method.name)
         if needs and self.teacher is None:
             raise ValueError(
                 f"method {self.method.name!r} needs a teacher: add a 'teacher:' section "

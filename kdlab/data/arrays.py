@@ -20,13 +20,12 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from kdlab.data.datasets import RelabeledSubset
 from kdlab.errors import DataError
 
 
 def base_of(dataset: Dataset) -> tuple[Dataset, np.ndarray | None]:
     """(base dataset, base index of each sample or None when it is the base itself)."""
-    from kdlab.data.datasets import RelabeledSubset
-
     index: np.ndarray | None = None
     while isinstance(dataset, RelabeledSubset):
         own = np.asarray(dataset.indices, dtype=np.int64)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from torch.utils.data import Dataset
 
 from kdlab.config.schema import DataConfig
@@ -122,8 +123,6 @@ class CIFARArrays(Dataset):
         return len(self.targets)
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
-        from PIL import Image
-
         image = Image.fromarray(self.data[i])
         if self.transform is not None:
             image = self.transform(image)

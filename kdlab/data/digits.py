@@ -72,6 +72,8 @@ def stratified_split(
 
 @functools.lru_cache(maxsize=4)
 def _load(size: int) -> tuple[torch.Tensor, list[int], torch.Tensor, list[int], float, float]:
+    # lazy: scikit-learn (and the scipy it loads) is needed only by this dataset, not by every
+    # `import kdlab.data` (config loading, CIFAR and ImageNet runs)
     from sklearn.datasets import load_digits
 
     raw = load_digits()

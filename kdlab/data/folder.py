@@ -12,10 +12,12 @@ RandomCrop(32, padding=4) + flip, CIFAR-10 mean/std; e.g. for the CIFAR-10 JPEG 
 """
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 from typing import Any
+
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from kdlab.config.schema import DataConfig
 from kdlab.data.datasets import DataBundle, register_dataset, require_root
@@ -44,20 +46,12 @@ def _layout(train_split: str, val_split: str | None) -> str:
     )
 
 
-@functools.lru_cache(maxsize=1)
-def _folder_class() -> type:
-    from torchvision.datasets import ImageFolder
+class VisibleImageFolder(ImageFolder):
+    """ImageFolder that ignores hidden folders such as `.ipynb_checkpoints`."""
 
-    class VisibleImageFolder(ImageFolder):
-        """ImageFolder that ignores hidden folders such as `.ipynb_checkpoints`."""
-
-        def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-            classes = sorted(
-                e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith(".")
-            )
-            return classes, {name: i for i, name in enumerate(classes)}
-
-    return VisibleImageFolder
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        return classes, {name: i for i, name in enumerate(classes)}
 
 
 def open_split(path: Path, transform: Transform, layout: str) -> Any:
@@ -70,10 +64,8 @@ def open_split(path: Path, transform: Transform, layout: str) -> Any:
             f"'{path}/<class>/' ({layout})"
         )
     try:
-        return _folder_class()(str(path), transform=transform)
+        return VisibleImageFolder(str(path), transform=transform)
     except FileNotFoundError:
-        from torchvision.datasets.folder import IMG_EXTENSIONS
-
         empty = [str(d) for d in sorted(path.iterdir()) if _is_class(d) and not _has_image(d)]
         raise DataError(
             f"{str(path)!r} has class folders without images: {', '.join(map(repr, empty))}; "
@@ -86,8 +78,6 @@ def _is_class(d: Path) -> bool:
 
 
 def _has_image(d: Path) -> bool:
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-
     for _, _, files in os.walk(d, followlinks=True):
         if any(f.lower().endswith(IMG_EXTENSIONS) for f in files):
             return True

@@ -31,8 +31,8 @@ from torch import Tensor
 
 from kdlab.data.arrays import base_of, uint8_images
 from kdlab.data.datasets import DataBundle
+from kdlab.data.sampling import EpochSampler
 from kdlab.data.views import UnsupportedAugmentation, ViewSpec, describe_transform, epoch_views, normalize, crop_flip
-from kdlab.engine.sampling import EpochSampler
 from kdlab.errors import DataError
 
 WHAT = "data.pipeline=gpu"

@@ -14,17 +14,17 @@ is registered below as ``augment: autoaugment`` (DKD Table 2) in essentially thi
 
     @AUGMENTS.register("autoaugment")
     def _autoaugment(preset, mean, std, size):
-        from torchvision import transforms as T
         policy = T.AutoAugment(T.AutoAugmentPolicy.CIFAR10)
         return T.Compose(geometric_augment(preset, size) + [policy] + to_normalized_tensor(mean, std))
 
-torchvision is imported lazily (it is slow to import and `kdlab --help` should stay fast).
+(`T` is `torchvision.transforms`.)
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
 import torch
+from torchvision import transforms as T
 
 from kdlab.errors import DataError
 from kdlab.registry import Registry, UnknownNameError
@@ -100,8 +100,6 @@ class Identity:
 
 def to_normalized_tensor(mean: Sequence[float], std: Sequence[float]) -> list[Transform]:
     """The common tail of the PIL pipelines: ToTensor + Normalize."""
-    from torchvision import transforms as T
-
     return [T.ToTensor(), T.Normalize(tuple(mean), tuple(std))]
 
 
@@ -111,8 +109,6 @@ def geometric_augment(preset: str, size: int | None = None) -> list[Transform]:
     cifar: RandomCrop(size, padding=4) + RandomHorizontalFlip.
     imagenet: RandomResizedCrop(size) + RandomHorizontalFlip.
     """
-    from torchvision import transforms as T
-
     size = preset_size(preset, size)
     if preset == "cifar":
         return [T.RandomCrop(size, padding=CROP_PADDING["cifar"]), T.RandomHorizontalFlip()]
@@ -128,8 +124,6 @@ def eval_transform(
     size = preset_size(preset, size)
     if preset == "digits":
         return Identity()  # the digits tensors are stored normalised at the right size
-    from torchvision import transforms as T
-
     if preset == "cifar":
         return T.Compose(to_normalized_tensor(mean, std))
     if preset == "imagenet":
@@ -146,8 +140,6 @@ def _standard(preset: str, mean: Sequence[float], std: Sequence[float], size: in
         fill = [-m / s for m, s in zip(mean, std)]
         padding = max(1, round(CROP_PADDING["digits"] * size / PRESET_SIZES["digits"]))
         return TensorRandomCrop(size, padding, fill)
-    from torchvision import transforms as T
-
     return T.Compose(geometric_augment(preset, size) + to_normalized_tensor(mean, std))
 
 
@@ -171,8 +163,6 @@ def _autoaugment(preset: str, mean: Sequence[float], std: Sequence[float], size:
             "data.augment='autoaugment' needs PIL images (the cifar or imagenet preset), but the "
             "digits preset serves normalised tensors; set data.augment=standard for digits"
         )
-    from torchvision import transforms as T
-
     policy = T.AutoAugmentPolicy.CIFAR10 if preset == "cifar" else T.AutoAugmentPolicy.IMAGENET
     return T.Compose(geometric_augment(preset, size) + [T.AutoAugment(policy)] + to_normalized_tensor(mean, std))
 

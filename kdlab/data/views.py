@@ -40,8 +40,9 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision import transforms as T
 
-from kdlab.engine.sampling import sample_seed
+from kdlab.data.sampling import sample_seed
 
 FLIP_P = 0.5
 
@@ -101,8 +102,6 @@ def describe_transform(transform: Any, image_size: int) -> ViewSpec:
     Accepted: ``Compose([RandomCrop(s, padding=p)?, RandomHorizontalFlip(0.5)?, ToTensor(),
     Normalize(mean, std)])`` with zero constant padding and s equal to the image size.
     """
-    from torchvision import transforms as T
-
     steps = list(getattr(transform, "transforms", [transform]))
     names = " + ".join(type(t).__name__ for t in steps)
     padding, flip = 0, False

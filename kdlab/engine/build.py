@@ -2,12 +2,13 @@
 the registries together (so the trainer, `kdlab eval` and the analysis tools agree)."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from kdlab.config.schema import DataConfig, ExperimentConfig, ModelConfig
-from kdlab.engine.checkpoint import build_model_from_checkpoint, load_checkpoint, load_model_state
-from kdlab.engine.sampling import EpochSampler, SeededDataset
+from kdlab.engine.checkpoint import build_model_from_checkpoint
+from kdlab.data.sampling import EpochSampler, SeededDataset
 from kdlab.errors import ConfigError
 from kdlab.methods import Distiller, method_class
 from kdlab.models import create_model
@@ -34,17 +35,22 @@ def build_teacher(cfg: ExperimentConfig, num_classes: int) -> nn.Module | None:
     return build_network(cfg.teacher, num_classes)
 
 
-def build_distiller(cfg: ExperimentConfig, num_classes: int, input_size: tuple[int, int, int]) -> Distiller:
-    student = build_network(cfg.model, num_classes)
-    teacher = build_teacher(cfg, num_classes)
+def make_distiller(cfg: ExperimentConfig, student: nn.Module, teacher: nn.Module | None, *,
+                   input_size: tuple[int, int, int], num_classes: int, task: str = "classification") -> Distiller:
+    """The config's method around built networks; a method that does not support `task` is
+    refused (its `tasks` capability)."""
     cls = method_class(cfg.method.name)
+    if task not in cls.tasks:
+        raise ConfigError(f"method {cfg.method.name!r} supports {sorted(cls.tasks)}, not task {task!r}; "
+                          "pick a method for this task (docs/methods.md lists them)")
     return cls(student, teacher if cls.requires_teacher else None, cfg.method,
                input_size=input_size, num_classes=num_classes)
 
 
-def load_student_weights(model: nn.Module, path: str, name: str) -> None:
-    ckpt = load_checkpoint(path)
-    load_model_state(model, ckpt["model_state"], path, name)
+def build_distiller(cfg: ExperimentConfig, num_classes: int, input_size: tuple[int, int, int]) -> Distiller:
+    """A classification distiller with freshly built (or checkpoint-loaded) networks."""
+    return make_distiller(cfg, build_network(cfg.model, num_classes), build_teacher(cfg, num_classes),
+                          input_size=input_size, num_classes=num_classes)
 
 
 def train_loader(dataset, cfg: DataConfig, seed: int, device_type: str, num_replicas: int = 1,
@@ -60,6 +66,9 @@ def train_loader(dataset, cfg: DataConfig, seed: int, device_type: str, num_repl
         pin_memory=cfg.pin_memory and device_type == "cuda",
         persistent_workers=cfg.persistent_workers and cfg.num_workers > 0,
         drop_last=False,
+        # The loader's own generator: starting an epoch's iterator must not draw from the global
+        # RNG, or a run resumed mid-epoch (global RNG restored) would see a shifted stream.
+        generator=torch.Generator(),
     )
 
 
@@ -72,4 +81,5 @@ def eval_loader(dataset, cfg: DataConfig, device_type: str, sampler=None) -> Dat
         num_workers=cfg.num_workers,
         pin_memory=cfg.pin_memory and device_type == "cuda",
         persistent_workers=cfg.persistent_workers and cfg.num_workers > 0,
+        generator=torch.Generator(),  # as above: evaluation leaves the global RNG alone
     )

@@ -1,25 +1,50 @@
-"""Checkpoints: atomic writes, safe loads, and teacher loading with clear errors.
+"""Checkpoints: one versioned type, atomic writes, safe loads, and models rebuilt from them.
 
-A checkpoint is a dict saved with `torch.save` and loaded with `weights_only=True`, so
-loading never executes code. It holds the trained model (never a frozen teacher), the
-method's extras, optimizer/scheduler/scaler state, the epoch, the best accuracy, RNG
-states and the resolved config. Writes go to a temporary file in the same folder followed
-by `os.replace`, so a crash during a save leaves the previous checkpoint intact.
+A `Checkpoint` holds the trained model (never a frozen teacher), the method's extras,
+optimizer/scheduler/scaler state, the epoch, the best-epoch metrics, RNG states, per-callback
+state and the resolved config. On disk it is a plain dict (`to_dict`) saved with `torch.save`
+and read with `weights_only=True`, so loading never executes code from the file. Writes go
+to a temporary file in the same folder followed by `os.replace`, so a crash during a save
+leaves the previous checkpoint intact.
+
+Format versions (the dict's `version`; `format` is always "kdlab-checkpoint"):
+
+- 1: written by kdlab before the `Checkpoint` type: the best metrics were two keys,
+  `best_top1` and `best_top5`, and there was no per-callback state. Hand-built files of that
+  time may lack `version` and most keys; they read as version 1 with defaults.
+- 2 (`CURRENT_VERSION`): `best` is a dict of best-epoch metrics (`{"top1", "top5"}` for
+  classification, `{"bbox_ap"}` for detection) and `callbacks` holds each callback's state.
+
+`Checkpoint.load` reads both; a file of a newer or unknown version is refused with one
+message naming both versions, never half-read.
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from kdlab.errors import CheckpointError
+from kdlab.models import create_model
+from kdlab.models.weights import UnreadableTorchFile, describe_mismatch, read_torch_file
 
 FORMAT = "kdlab-checkpoint"
-VERSION = 1
+CURRENT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+
+#: Said of any file that is not a kdlab checkpoint: where checkpoints come from, and where
+#: other weight files go instead.
+NOT_A_CHECKPOINT_FIX = (
+    "model.checkpoint (and teacher.checkpoint, kdlab eval) take checkpoints written by 'kdlab train' "
+    "(<output_dir>/<name>/best.pt or last.pt); for weights saved by another program, such as a "
+    "torchvision or timm state dict, set model.weights=PATH (teacher.weights=PATH for a teacher) instead"
+)
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
@@ -39,8 +64,140 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         raise
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a kdlab checkpoint, turning every failure into one `CheckpointError`."""
+@dataclass
+class ModelRecord:
+    """What rebuilds the checkpointed model: `create_model(name, num_classes, **kwargs)`."""
+
+    name: str
+    num_classes: int
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class Checkpoint:
+    """A kdlab checkpoint (see the module docstring for the on-disk versions).
+
+    Tests and scripts build one with `Checkpoint.for_model(model, name, num_classes)`.
+    """
+
+    model: ModelRecord
+    model_state: dict[str, Tensor]
+    method: str = "vanilla"
+    extra_state: dict[str, Tensor] = field(default_factory=dict)
+    optimizer: dict | None = None
+    scheduler: dict | None = None
+    scaler: dict | None = None
+    epoch: int = 0
+    #: Best-epoch metrics: {"top1": .., "top5": ..} (classification), {"bbox_ap": ..} (detection).
+    best: dict[str, float] = field(default_factory=dict)
+    best_epoch: int = 0
+    skipped_batches: int = 0
+    history: list[dict] = field(default_factory=list)
+    rng: dict | None = None
+    #: Mid-epoch position of a Ctrl-C save: {"batches": int, "sums": {...}}; None at epoch ends.
+    partial: dict | None = None
+    #: Per-callback state for resume, keyed by callback name.
+    callbacks: dict[str, dict] = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    class_names: list[str] = field(default_factory=list)
+    #: The format version the checkpoint was read from (1 for an upgraded old file);
+    #: `to_dict` always writes `CURRENT_VERSION`.
+    version: int = CURRENT_VERSION
+
+    # Version 1 keys that became `best` in version 2.
+    _V1_BEST: ClassVar[dict[str, str]] = {"best_top1": "top1", "best_top5": "top5"}
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def for_model(cls, model: nn.Module, name: str, num_classes: int, kwargs: dict | None = None,
+                  **values: Any) -> "Checkpoint":
+        """A checkpoint of `model` as `create_model(name, num_classes, **kwargs)` rebuilds it;
+        other fields (epoch, config, method, ...) by keyword."""
+        return cls(model=ModelRecord(name, num_classes, dict(kwargs or {})), model_state=model.state_dict(),
+                   **values)
+
+    @property
+    def best_top1(self) -> float:
+        """The best epoch's top-1 accuracy; NaN when not recorded (no evaluation yet, detection)."""
+        return float(self.best.get("top1", math.nan))
+
+    @property
+    def best_top5(self) -> float:
+        """The best epoch's top-5 accuracy; NaN when not recorded."""
+        return float(self.best.get("top5", math.nan))
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | Path) -> None:
+        """Write the current format atomically (a crash mid-save keeps the old file)."""
+        atomic_save(self.to_dict(), path)
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "Checkpoint":
+        """Read a checkpoint of any readable version; every failure is one `CheckpointError`."""
+        return cls.from_dict(_read(path, map_location), source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The on-disk layout of the current version: plain containers and tensors only."""
+        d: dict[str, Any] = {"format": FORMAT}
+        for f in fields(self):
+            d[f.name] = asdict(self.model) if f.name == "model" else getattr(self, f.name)
+        d["version"] = CURRENT_VERSION
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str) -> "Checkpoint":
+        """Validate and upgrade a loaded dict; `source` (the file) names it in errors."""
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{source!r} is not a kdlab checkpoint (it holds a {type(d).__name__}, "
+                                  f"not a dict); {NOT_A_CHECKPOINT_FIX}")
+        marker = d.get("format")
+        if marker is None:
+            plain = bool(d) and all(isinstance(v, Tensor) for v in d.values())
+            what = "a plain state dict (parameter names -> tensors)" if plain else f"no '{FORMAT}' format marker"
+            raise CheckpointError(f"{source!r} is not a kdlab checkpoint ({what}); {NOT_A_CHECKPOINT_FIX}")
+        version = d.get("version", 1)  # hand-built files before versions were checked
+        readable = f"this kdlab reads '{FORMAT}' versions {READABLE_VERSIONS[0]}-{READABLE_VERSIONS[-1]}"
+        if marker != FORMAT:
+            raise CheckpointError(
+                f"{source!r} has format {marker!r}, which this kdlab does not know ({readable}); if a newer "
+                "kdlab wrote it, upgrade kdlab; otherwise " + NOT_A_CHECKPOINT_FIX)
+        is_int = isinstance(version, int) and not isinstance(version, bool)
+        if is_int and version > CURRENT_VERSION:
+            raise CheckpointError(f"checkpoint {source!r} was written by a newer kdlab (format version {version}); "
+                                  f"{readable}: upgrade kdlab")
+        if not is_int or version not in READABLE_VERSIONS:
+            raise CheckpointError(f"checkpoint {source!r} has an unknown format version {version!r}; {readable}")
+        body = {k: v for k, v in d.items() if k not in ("format", "version")}
+        if version == 1:
+            old_best = {new: body.pop(old, None) for old, new in cls._V1_BEST.items()}
+            # best_epoch 0: no epoch evaluated yet (a Ctrl-C in epoch 1), best_top1 was a -1 sentinel.
+            evaluated = body.get("best_epoch", 0) > 0
+            body["best"] = {k: float(v) for k, v in old_best.items() if v is not None and evaluated}
+        known = {f.name for f in fields(cls)} - {"version"}
+        unknown = sorted(set(body) - known)
+        if unknown:
+            raise CheckpointError(
+                f"checkpoint {source!r} (format version {version}) has fields this kdlab does not know: "
+                f"{', '.join(unknown)}; it was written by another kdlab: use the kdlab that wrote it")
+        for key in ("model", "model_state"):
+            if not isinstance(body.get(key), dict):
+                raise CheckpointError(f"checkpoint {source!r} has no {key!r} record; it is damaged or was "
+                                      "not written by 'kdlab train': use another checkpoint or retrain")
+        record = body["model"]
+        if not isinstance(record.get("name"), str) or not isinstance(record.get("num_classes"), int):
+            raise CheckpointError(f"checkpoint {source!r} has a model record without a name and class count "
+                                  f"({record}); use a checkpoint written by 'kdlab train'")
+        body["model"] = ModelRecord(record["name"], record["num_classes"], dict(record.get("kwargs") or {}))
+        # Hand-built version-1 files may hold None where the type now has empty containers.
+        for name in ("extra_state", "best", "history", "callbacks", "config", "class_names"):
+            if body.get(name, ...) is None:
+                del body[name]
+        return cls(**body, version=version)
+
+
+def _read(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """What a checkpoint file holds (`from_dict` checks it is a kdlab checkpoint), read without
+    executing code; a missing or unreadable file is a `CheckpointError`."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(
@@ -48,45 +205,20 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             "(it writes <output_dir>/<name>/best.pt and last.pt) and point to it"
         )
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # truncated zip, pickle errors, wrong file type
+        return read_torch_file(path, map_location)
+    except UnreadableTorchFile as exc:
+        if exc.foreign:
+            raise CheckpointError(f"{str(path)!r} is not a kdlab checkpoint: it {exc.problem}. "
+                                  + NOT_A_CHECKPOINT_FIX) from None
         raise CheckpointError(
-            f"checkpoint {str(path)!r} is corrupt or truncated and cannot be read "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); use another checkpoint "
-            "(e.g. best.pt or an epoch_N.pt beside it) or retrain"
-        ) from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{str(path)!r} is not a kdlab checkpoint (no '{FORMAT}' marker); teachers must be "
-            "checkpoints written by 'kdlab train'"
-        )
-    return ckpt
+            f"checkpoint {str(path)!r} {exc.problem}; use another checkpoint (best.pt, last.pt or an "
+            "epoch_N.pt beside it) or retrain") from None
 
 
-def describe_mismatch(model: nn.Module, state: dict[str, torch.Tensor], limit: int = 6) -> str:
-    """'' when `state` fits `model` exactly, else the missing/unexpected/mis-shaped keys."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    return format_key_problems(missing, unexpected, shapes, limit)
+# ----------------------------------------------------------------------------- models
 
 
-def format_key_problems(missing: list[str], unexpected: list[str], shapes: list[str], limit: int = 6) -> str:
-    """One line naming the first `limit` keys of each kind of state-dict mismatch."""
-    parts = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
-        if items:
-            more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
-            parts.append(f"{label}: {', '.join(items[:limit])}{more}")
-    return "; ".join(parts)
-
-
-def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: str, expected: str) -> None:
+def load_model_state(model: nn.Module, state: dict[str, Tensor], source: str, expected: str) -> None:
     """Strictly load `state` into `model`, or explain which keys do not match."""
     problem = describe_mismatch(model, state)
     if problem:
@@ -97,37 +229,43 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: s
     model.load_state_dict(state)
 
 
-def checkpoint_model_spec(ckpt: dict) -> dict:
-    return ckpt.get("model", {})
-
-
 def build_model_from_checkpoint(
     path: str | Path,
     expected_name: str | None = None,
     num_classes: int | None = None,
     kwargs: dict | None = None,
-) -> tuple[nn.Module, dict]:
+) -> tuple[nn.Module, Checkpoint]:
     """Rebuild the model saved in a kdlab checkpoint and load its weights.
 
     `expected_name` / `num_classes` come from the config that asks for this model; a
-    checkpoint of another architecture or class count is refused with both named.
+    checkpoint of another architecture or class count is refused with both named. `kwargs`
+    (the config's `model.kwargs`) replace the recorded ones when given.
     """
-    from kdlab.models import create_model
-
-    ckpt = load_checkpoint(path)
-    spec = checkpoint_model_spec(ckpt)
-    name = spec.get("name")
-    saved_classes = spec.get("num_classes")
-    if expected_name is not None and name is not None and name != expected_name:
+    ckpt = Checkpoint.load(path)
+    record = ckpt.model
+    if expected_name is not None and record.name != expected_name:
         raise CheckpointError(
-            f"checkpoint {str(path)!r} holds a {name!r} model but the config asks for "
-            f"{expected_name!r}; set the model name to {name!r} or use a {expected_name!r} checkpoint"
+            f"checkpoint {str(path)!r} holds a {record.name!r} model but the config asks for "
+            f"{expected_name!r}; set the model name to {record.name!r} or use a {expected_name!r} checkpoint"
         )
-    if num_classes is not None and saved_classes is not None and saved_classes != num_classes:
+    if num_classes is not None and record.num_classes != num_classes:
         raise CheckpointError(
-            f"checkpoint {str(path)!r} was trained for {saved_classes} classes but the dataset has "
+            f"checkpoint {str(path)!r} was trained for {record.num_classes} classes but the dataset has "
             f"{num_classes}; use a checkpoint trained on this dataset"
         )
-    model = create_model(name or expected_name, num_classes=saved_classes or num_classes, **(kwargs if kwargs is not None else spec.get("kwargs", {})))
-    load_model_state(model, ckpt["model_state"], str(path), name or str(expected_name))
+    model = create_model(record.name, num_classes=record.num_classes,
+                         **(kwargs if kwargs is not None else record.kwargs))
+    load_model_state(model, ckpt.model_state, str(path), record.name)
     return model, ckpt
+
+
+__all__ = [
+    "CURRENT_VERSION",
+    "Checkpoint",
+    "FORMAT",
+    "ModelRecord",
+    "READABLE_VERSIONS",
+    "atomic_save",
+    "build_model_from_checkpoint",
+    "load_model_state",
+]

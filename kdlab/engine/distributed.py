@@ -20,6 +20,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from kdlab.errors import ConfigError
+from kdlab.methods.base import Distiller
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -68,8 +71,6 @@ def per_rank_batch(global_batch: int, info: DistInfo, key: str = "data.batch_siz
     """`data.batch_size` is the GLOBAL batch (the recipe's number, whatever the GPU count):
     each of the world_size processes loads global / world_size samples per step."""
     if global_batch % info.world_size:
-        from kdlab.errors import ConfigError
-
         raise ConfigError(
             f"{key}={global_batch} is the global batch and must be divisible by the number of "
             f"processes ({info.world_size}); set {key} to a multiple of {info.world_size} "
@@ -100,8 +101,6 @@ def convert_sync_bn(distiller: torch.nn.Module, info: DistInfo, device_type: str
     if not info.enabled:
         return distiller
     if device_type != "cuda":
-        from kdlab.errors import ConfigError
-
         raise ConfigError(
             "train.sync_bn=true needs CUDA: PyTorch's SyncBatchNorm does not run on CPU; set "
             "train.sync_bn=false (each process then normalises with its own batch)"
@@ -110,6 +109,18 @@ def convert_sync_bn(distiller: torch.nn.Module, info: DistInfo, device_type: str
         if name != "teacher":
             setattr(distiller, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(child))
     return distiller
+
+
+def wrap_ddp(distiller: Distiller, device: torch.device | None) -> torch.nn.Module:
+    """`DistributedDataParallel` over the whole distiller (its `forward` routes a `Batch` to
+    `forward_train`), leaving out the buffers the method keeps identical on every rank itself
+    (`Distiller.ddp_local_buffers`), which DDP would otherwise broadcast every step."""
+    local = list(distiller.ddp_local_buffers)
+    if local:
+        # PyTorch's (underscored, long-standing) way to keep module state out of DDP's sync.
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(distiller, local)
+    ids = [device.index] if device is not None and device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(distiller, device_ids=ids)
 
 
 def broadcast_buffers(module: torch.nn.Module, info: DistInfo) -> None:

@@ -1,9 +1,15 @@
 """Optimizer and learning-rate schedule from the config.
 
-The schedule is a per-epoch multiplier (as in the DKD/ReviewKD reference code, which set
-the learning rate once per epoch): linear warm-up over `warmup_epochs`, then multi-step
-decay (x gamma once epoch >= each milestone, epochs counted from 0, i.e. the reference's
-`epoch > milestone` with 1-based epochs), cosine annealing to `min_lr`, or constant.
+With `schedule.unit: epoch` (default) the schedule is a per-epoch multiplier (as in the
+DKD/ReviewKD reference code, which set the learning rate once per epoch): linear warm-up over
+`warmup_epochs`, then multi-step decay (x gamma once epoch >= each milestone, epochs counted
+from 0, i.e. the reference's `epoch > milestone` with 1-based epochs), cosine annealing to
+`min_lr`, or constant. With `unit: iteration` the same shapes count optimizer steps, and the
+warm-up rises linearly from `warmup_start_factor` over `warmup_iterations` steps, as
+Detectron2's WarmupMultiStepLR does for the detection recipes.
+
+The optimizer is fused where the device has fused kernels: a fused step can skip itself on
+the device, which the training step's non-finite guard relies on (`kdlab.engine.step`).
 """
 from __future__ import annotations
 
@@ -16,25 +22,44 @@ from torch import nn
 from kdlab.config.schema import OptimConfig, ScheduleConfig
 
 
+# Device types whose fused SGD/AdamW kernels exist; a fused step can skip itself on the device
+# (`found_inf`), which is what lets the training step guard against NaN without a host sync.
+FUSED_DEVICES = ("cpu", "cuda")
+
+
 def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
     params = list(params)
+    fused = bool(params) and all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params) \
+        and len({p.device for p in params}) == 1
     if cfg.name == "sgd":
         return torch.optim.SGD(
             params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-            weight_decay=cfg.weight_decay,
+            weight_decay=cfg.weight_decay, fused=fused or None,
         )
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
 def lr_factor(epoch: int, total_epochs: int, cfg: ScheduleConfig, base_lr: float) -> float:
-    """Multiplier of the base learning rate for 0-based `epoch`."""
+    """Multiplier of the base learning rate for 0-based `epoch` (an iteration with
+    `unit: iteration`, and `total_epochs` the total iterations)."""
+    if cfg.unit == "iteration":
+        if cfg.warmup_iterations and epoch < cfg.warmup_iterations:
+            alpha = epoch / cfg.warmup_iterations
+            warm = cfg.warmup_start_factor * (1 - alpha) + alpha
+        else:
+            warm = 1.0
+        return warm * _decay(epoch, total_epochs, cfg, base_lr, 0)
     if cfg.warmup_epochs and epoch < cfg.warmup_epochs:
         return (epoch + 1) / cfg.warmup_epochs
+    return _decay(epoch, total_epochs, cfg, base_lr, cfg.warmup_epochs)
+
+
+def _decay(epoch: int, total_epochs: int, cfg: ScheduleConfig, base_lr: float, warmup: int) -> float:
     if cfg.name == "multistep":
         return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
     if cfg.name == "cosine":
-        span = max(total_epochs - cfg.warmup_epochs, 1)
-        progress = min(max(epoch - cfg.warmup_epochs, 0) / span, 1.0)
+        span = max(total_epochs - warmup, 1)
+        progress = min(max(epoch - warmup, 0) / span, 1.0)
         floor = cfg.min_lr / base_lr if base_lr > 0 else 0.0
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     return 1.0
@@ -43,7 +68,8 @@ def lr_factor(epoch: int, total_epochs: int, cfg: ScheduleConfig, base_lr: float
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_epochs: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR stepped once per epoch (its state_dict goes into checkpoints)."""
+    """A LambdaLR stepped once per epoch, or once per step with `unit: iteration` (then
+    `total_epochs` is the total number of steps); its state_dict goes into checkpoints."""
     base_lr = optimizer.param_groups[0]["lr"]
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda e: lr_factor(e, total_epochs, cfg, base_lr)

@@ -1,25 +1,26 @@
 """Runs of a folder as one table, seeds grouped with mean and standard deviation.
 
-A run folder is any folder holding `result.json` (written by the trainer at the end of a
-run) and `config.yaml`. Runs named `<name>_seed<k>` (what `kdlab train --seeds N` writes)
+A run folder is any folder holding a complete `result.json` (written by the trainer at the
+end of a run) and `config.yaml` (read through `kdlab.engine.run_folder.RunFolder`). Runs named `<name>_seed<k>` (what `kdlab train --seeds N` writes)
 are grouped under `<name>`; every group reports n and, for last-epoch and best-epoch top-1
 and top-5, the mean and the *sample* standard deviation (n - 1 in the denominator; 0 for a
-single run). Papers report either last or best accuracy, so both are shown.
+single run). Papers report either last or best accuracy, so both are shown. A group whose
+runs are not the same experiment up to their seed (`kdlab.config.compare`) is flagged.
 """
 from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-import yaml
-
+from kdlab.config.compare import run_differences
+from kdlab.engine.run_folder import RunFolder
 from kdlab.errors import KDLabError
+from kdlab.text_table import print_table
 
 SEED_SUFFIX = re.compile(r"^(?P<base>.+)_seed(?P<seed>-?\d+)$")
 METRICS = ("last_top1", "best_top1", "last_top5", "best_top5")
@@ -66,16 +67,12 @@ class RunRecord:
 
 
 def read_run(run_dir: str | Path) -> RunRecord:
-    """A `RunRecord` from `<run_dir>/result.json` and `<run_dir>/config.yaml`."""
-    run_dir = Path(run_dir)
-    try:
-        result = json.loads((run_dir / "result.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise KDLabError(f"{run_dir}: cannot read result.json ({exc}); is this a finished kdlab run folder?") from None
-    config: dict[str, Any] = {}
-    cfg_path = run_dir / "config.yaml"
-    if cfg_path.is_file():
-        config = yaml.safe_load(cfg_path.read_text()) or {}
+    """A `RunRecord` from `<run_dir>/result.json` and `<run_dir>/config.yaml` (read as the
+    current schema reads it, so runs trained before a new setting existed compare fairly)."""
+    folder = RunFolder(run_dir)
+    run_dir = folder.path
+    result = folder.read_result()
+    config: dict[str, Any] = folder.experiment() or {}
     name = str(config.get("name") or run_dir.name)
     group, seed = split_seed_name(name)
     if seed is None and config.get("train", {}).get("seed") is not None:
@@ -98,25 +95,16 @@ def read_run(run_dir: str | Path) -> RunRecord:
 
 
 def find_runs(folder: str | Path) -> list[RunRecord]:
-    """Every finished run (a folder with result.json) under `folder`, itself included."""
+    """Every finished run (a folder with a complete result.json) under `folder`, itself included."""
     folder = Path(folder)
     if not folder.is_dir():
         raise KDLabError(f"{str(folder)!r} is not a folder; pass the folder holding the run folders (e.g. runs)")
-    return [read_run(p.parent) for p in sorted(folder.rglob("result.json"))]
+    return [read_run(p.parent) for p in sorted(folder.rglob("result.json")) if RunFolder(p.parent).is_finished()]
 
 
 def unfinished_runs(folder: str | Path) -> list[Path]:
-    """Run folders under `folder` that have metrics.jsonl but no result.json (still running or stopped)."""
-    return sorted(p.parent for p in Path(folder).rglob("metrics.jsonl") if not (p.parent / "result.json").exists())
-
-
-def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    # Seeds of one group may differ only in name, seed and where they were written.
-    out = json.loads(json.dumps(config))
-    out.pop("name", None)
-    out.pop("output_dir", None)
-    out.get("train", {}).pop("seed", None)
-    return out
+    """Run folders under `folder` that have metrics.jsonl but no complete result.json (still running or stopped)."""
+    return sorted(p.parent for p in Path(folder).rglob("metrics.jsonl") if not RunFolder(p.parent).is_finished())
 
 
 @dataclass
@@ -156,8 +144,8 @@ def group_runs(records: Iterable[RunRecord], root: str | Path | None = None) -> 
     for key, runs in groups.items():
         runs.sort(key=lambda r: (r.seed if r.seed is not None else -1, r.name))
         stats = {m: mean_std([r.metrics[m] for r in runs]) for m in METRICS}
-        first = _comparable(runs[0].config)
-        consistent = all(_comparable(r.config) == first for r in runs[1:])
+        first = runs[0].config
+        consistent = all(not run_differences(first, r.config, across_seeds=True) for r in runs[1:])
         out.append(GroupSummary(key, runs, stats, consistent))
     return sorted(out, key=lambda g: g.group)
 
@@ -182,8 +170,6 @@ def table_rows(groups: Sequence[GroupSummary]) -> list[list[str]]:
 
 def format_text(groups: Sequence[GroupSummary], markdown: bool = False) -> str:
     """An aligned table (valid Markdown either way; `markdown` only changes the ± sign's escaping)."""
-    from kdlab.commands._common import print_table
-
     buf = io.StringIO()
     rows = table_rows(groups)
     if markdown:

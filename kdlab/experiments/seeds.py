@@ -12,8 +12,9 @@ from typing import Any
 
 from kdlab.config.loader import config_to_dict, validate_config
 from kdlab.config.schema import ExperimentConfig
+from kdlab.engine.trainer import Trainer
 from kdlab.errors import ConfigError
-from kdlab.experiments.results import seed_run_name
+from kdlab.experiments.results import format_text, group_runs, read_run, seed_run_name
 
 log = logging.getLogger("kdlab")
 
@@ -37,8 +38,6 @@ def run_seeds(cfg: ExperimentConfig, n: int, resume: bool | str = False) -> list
 
     A seed whose folder already has `result.json` is trained again only if `resume` is
     False; with `resume=True` finished seeds are kept and an interrupted one continues."""
-    from kdlab.engine.trainer import Trainer
-
     results = []
     for i, seed_cfg in enumerate(seed_configs(cfg, n)):
         log.info("== seed %d (%d of %d): %s", seed_cfg.train.seed, i + 1, n, seed_cfg.name)
@@ -48,8 +47,6 @@ def run_seeds(cfg: ExperimentConfig, n: int, resume: bool | str = False) -> list
 
 def seeds_summary(run_dirs: list[str]) -> str:
     """The `kdlab results` table (mean ± sample std over the seeds) of these run folders."""
-    from kdlab.experiments.results import format_text, group_runs, read_run
-
     return format_text(group_runs([read_run(d) for d in run_dirs]))
 
 

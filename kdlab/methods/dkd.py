@@ -20,7 +20,7 @@ from torch import Tensor
 from kdlab.config.schema import MethodConfig
 from kdlab.losses import cross_entropy, dkd_terms
 from kdlab.methods import register_method
-from kdlab.methods.base import Distiller, StepOutput, warmup_factor
+from kdlab.methods.base import Batch, Distiller, StepOutput, warmup_factor
 from kdlab.methods.kd import teacher_target_confidence
 
 Terms = Literal["dkd", "tckd", "nckd", "kd_decomposed"]
@@ -62,9 +62,10 @@ class DKD(Distiller):
 
     Config = DKDConfig
 
-    def forward_train(self, images: Tensor, targets: Tensor, *, epoch: int, teacher_logits: Tensor | None = None) -> StepOutput:
+    def forward_train(self, batch: Batch, epoch: int) -> StepOutput:
+        images, targets = batch.images, batch.targets
         cfg: DKDConfig = self.cfg  # type: ignore[assignment]
-        t_logits = self.teacher_logits(images, teacher_logits)
+        t_logits = self.teacher_logits(batch)
         logits = self.student(images)
         parts = dkd_terms(logits, t_logits, targets, cfg.temperature)
         warm = warmup_factor(epoch, cfg.warmup_epochs)

@@ -38,15 +38,19 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from kdlab.config.schema import MethodConfig
+from kdlab.data import build_datasets
+from kdlab.data.sampling import SeededDataset
 from kdlab.errors import TrainingError
 from kdlab.losses import cross_entropy, dkd_terms
 from kdlab.methods import register_method
-from kdlab.methods.base import Distiller, StepOutput, warmup_factor
+from kdlab.methods.base import Batch, Distiller, SetupContext, StepOutput, warmup_factor
 from kdlab.methods.kd import teacher_target_confidence
 
 log = logging.getLogger("kdlab")
@@ -115,12 +119,11 @@ class DKDSplit(Distiller):
     """CE on all samples, NCKD on the top or bottom share by teacher confidence (DKD Table 5)."""
 
     Config = DKDSplitConfig
+    needs_sample_indices = True  # the global split is keyed by sample index
 
     def __init__(self, student, teacher, cfg: DKDSplitConfig, **kwargs: Any) -> None:
         super().__init__(student, teacher, cfg, **kwargs)
-        # The trainer passes the sample indices to methods that ask for them.
-        self.needs_indices = cfg.split == "global"
-        # Selected-sample mask over the training set (global split); recomputed by prepare()
+        # Selected-sample mask over the training set (global split); recomputed by setup()
         # at every start, so not part of the checkpoint.
         self.register_buffer("selected", torch.zeros(0, dtype=torch.bool), persistent=False)
 
@@ -128,18 +131,18 @@ class DKDSplit(Distiller):
     @torch.no_grad()
     def rank_training_set(self, dataset: Any, data_cfg: Any, device: torch.device) -> Tensor:
         """The teacher's p_t (at `rank_temperature`) of every sample of `dataset`, in order."""
-        from kdlab.engine.build import eval_loader
-
         cfg: DKDSplitConfig = self.cfg  # type: ignore[assignment]
         scores = []
-        for batch in eval_loader(dataset, data_cfg, device.type):
+        batch_size = data_cfg.eval_batch_size or max(data_cfg.batch_size, 128)
+        for batch in DataLoader(dataset, batch_size=batch_size, num_workers=data_cfg.num_workers):
             images, targets = batch[0].to(device), batch[1].to(device)
             scores.append(target_confidence(self.teacher_forward(images), targets, cfg.rank_temperature).cpu())
         return torch.cat(scores) if scores else torch.zeros(0)
 
-    def prepare(self, *, train_set: Any, data_cfg: Any, seed: int, device: torch.device,
-                run_dir: str | Path | None = None) -> None:
+    def setup(self, context: SetupContext) -> None:
         """Rank the training set once (global split) and write the selection beside the run."""
+        train_set, data_cfg, seed = context.train_set, context.data_cfg, context.seed
+        device, run_dir = context.device, context.run_dir
         cfg: DKDSplitConfig = self.cfg  # type: ignore[assignment]
         if cfg.split != "global":
             return
@@ -150,16 +153,12 @@ class DKDSplit(Distiller):
                 "use method.split=batch"
             )
         if cfg.rank_view == "plain":
-            from kdlab.data import build_datasets
-
             plain = build_datasets(data_cfg.model_copy(update={"augment": "none"}))
             if list(plain.train_targets) != [int(t) for t in getattr(train_set, "targets", plain.train_targets)]:
                 raise TrainingError("dkd_split: the un-augmented training set does not match the training set "
                                     "(different labels or order); use method.rank_view=augmented")
             dataset = plain.train
         else:
-            from kdlab.engine.sampling import SeededDataset
-
             dataset = _EpochZeroView(SeededDataset(train_set, seed))
         was_training = self.training
         scores = self.rank_training_set(dataset, data_cfg, device)
@@ -180,19 +179,11 @@ class DKDSplit(Distiller):
                  cfg.half, record["num_selected"], record["num_samples"],
                  record["selected_conf_min"] or 0.0, record["selected_conf_max"] or 0.0)
         if run_dir is not None:
-            import numpy as np
-
             Path(run_dir).mkdir(parents=True, exist_ok=True)
             (Path(run_dir) / SPLIT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
             np.save(Path(run_dir) / SPLIT_INDICES, mask.nonzero().squeeze(1).numpy().astype("<i8"))
 
     # ------------------------------------------------------------------ training step
-    def forward(self, images: Tensor, targets: Tensor | None = None, *, epoch: int = 1,
-                teacher_logits: Tensor | None = None, indices: Tensor | None = None) -> Tensor | StepOutput:
-        if targets is None:
-            return self.student(images)
-        return self.forward_train(images, targets, epoch=epoch, teacher_logits=teacher_logits, indices=indices)
-
     def selection(self, t_logits: Tensor, targets: Tensor, indices: Tensor | None) -> Tensor:
         """Bool mask of this batch's samples that get NCKD."""
         cfg: DKDSplitConfig = self.cfg  # type: ignore[assignment]
@@ -200,18 +191,18 @@ class DKDSplit(Distiller):
             return select_fraction(target_confidence(t_logits, targets, cfg.rank_temperature), cfg.fraction, cfg.half)
         if indices is None:
             raise TrainingError(
-                "method dkd_split with method.split=global needs each batch's sample indices, and this "
-                "training loop does not pass them; use method.split=batch"
+                "method dkd_split with method.split=global needs each batch's sample indices "
+                "(Batch.indices), and this training loop does not pass them; use method.split=batch"
             )
         if self.selected.numel() == 0:
             raise TrainingError("method dkd_split with method.split=global: the training set was not "
-                                "ranked (prepare() was not called); use method.split=batch")
+                                "ranked (setup() was not called); use method.split=batch")
         return self.selected[indices.to(self.selected.device).long()]
 
-    def forward_train(self, images: Tensor, targets: Tensor, *, epoch: int, teacher_logits: Tensor | None = None,
-                      indices: Tensor | None = None) -> StepOutput:
+    def forward_train(self, batch: Batch, epoch: int) -> StepOutput:
         cfg: DKDSplitConfig = self.cfg  # type: ignore[assignment]
-        t_logits = self.teacher_logits(images, teacher_logits)
+        images, targets, indices = batch.images, batch.targets, batch.indices
+        t_logits = self.teacher_logits(batch)
         logits = self.student(images)
         parts = dkd_terms(logits, t_logits, targets, cfg.temperature)
         mask = self.selection(t_logits, targets, indices).to(logits.device)

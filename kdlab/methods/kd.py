@@ -9,7 +9,7 @@ from torch import Tensor
 from kdlab.config.schema import MethodConfig
 from kdlab.losses import cross_entropy, kd_loss
 from kdlab.methods import register_method
-from kdlab.methods.base import Distiller, StepOutput
+from kdlab.methods.base import Batch, Distiller, StepOutput
 
 
 class KDConfig(MethodConfig):
@@ -32,8 +32,9 @@ class KD(Distiller):
 
     Config = KDConfig
 
-    def forward_train(self, images: Tensor, targets: Tensor, *, epoch: int, teacher_logits: Tensor | None = None) -> StepOutput:
-        t_logits = self.teacher_logits(images, teacher_logits)
+    def forward_train(self, batch: Batch, epoch: int) -> StepOutput:
+        images, targets = batch.images, batch.targets
+        t_logits = self.teacher_logits(batch)
         logits = self.student(images)
         losses = {
             "ce": self.cfg.ce_weight * cross_entropy(logits, targets),

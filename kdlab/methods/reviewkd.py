@@ -2,8 +2,10 @@
 "Distilling Knowledge via Knowledge Review", CVPR 2021).
 
 Levels, deepest first: the pooled vector as a 1x1 map, then the stages from deep to
-shallow. Student levels are post-activation stage outputs (`student_preact: true` takes
-the pre-activation ones, as the authors' ImageNet setting does); teacher levels are always
+shallow. Student levels are chosen by `student_features`: `raw` (default) the stage
+outputs as the reference code's CIFAR models return them (`Features.raw_stages`: the raw
+block outputs f_i of a WRN, post-activation elsewhere), `preact` the pre-activation ones
+(the authors' ImageNet setting), `post` the post-activation ones; teacher levels are always
 pre-activation. Attention-based fusion (ABF) modules walk the student levels deepest first;
 each fuses its level with the fused output of the deeper one and maps it to the teacher's
 channel count; HCL compares each output with the teacher level of the same depth.
@@ -21,15 +23,15 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import NonNegativeFloat, NonNegativeInt, PositiveInt
+from pydantic import NonNegativeFloat, NonNegativeInt, PositiveInt, model_validator
 from torch import Tensor, nn
 
 from kdlab.config.schema import MethodConfig
 from kdlab.errors import ConfigError, TrainingError
 from kdlab.losses import cross_entropy, hcl_level_losses
 from kdlab.methods import register_method
-from kdlab.methods.base import Distiller, StepOutput, warmup_factor
-from kdlab.models.features import Features
+from kdlab.methods.base import Batch, Distiller, StepOutput, warmup_factor
+from kdlab.models.features import Features, StageInfo, feature_info
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,31 @@ class ReviewKDConfig(MethodConfig):
     weight: NonNegativeFloat = 1.0  # lambda, the weight of the summed HCL
     warmup_epochs: NonNegativeInt = 20  # linear ramp of the ReviewKD term (1 on ImageNet)
     mid_channels: PositiveInt | None = None  # ABF width; null: min(512, deepest student channels)
-    student_preact: bool = False  # student features before the stage's last ReLU (ImageNet setting)
+    # Which student stage outputs the fusion reads (STUDENT_STAGES); raw: the reference's choice
+    # per family on CIFAR, preact: the authors' ImageNet setting, post: after the last activation.
+    student_features: Literal["raw", "preact", "post"] = "raw"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_student_preact(cls, data: object) -> object:
+        """Configs written before `student_features` said `student_preact: true/false`; it
+        keeps its meaning (true: preact, false: post, kdlab's earlier default)."""
+        if not (isinstance(data, dict) and "student_preact" in data):
+            return data
+        data = dict(data)
+        legacy = data.pop("student_preact")
+        if not isinstance(legacy, bool):
+            raise ValueError(f"student_preact must be true or false, got {legacy!r}; better, replace it "
+                             "with student_features: raw, preact or post")
+        if "student_features" in data:
+            raise ValueError("give student_features only (student_preact is its older form: "
+                             "true = preact, false = post); remove student_preact")
+        data["student_features"] = "preact" if legacy else "post"
+        return data
+
+
+#: `student_features` -> the `Features` (and `FeatureInfo`) list it names.
+STUDENT_STAGES = {"raw": "raw_stages", "preact": "preact_stages", "post": "stages"}
 
 
 def resize_map(x: Tensor, size: tuple[int, int]) -> Tensor:
@@ -143,54 +169,33 @@ class Level:
         return "pool" if self.student_stage is None else f"s{self.student_stage + 1}_t{self.teacher_stage + 1}"
 
 
-@torch.no_grad()
-def _probe(model: nn.Module, role: str, input_size: tuple[int, ...], preact: bool) -> tuple[list[tuple[int, int, int]], int]:
-    """(stage shapes (C, H, W) shallow to deep, pooled width) of `model`, by one dummy
-    forward in eval mode (training mode restored), or a ConfigError saying why not."""
-    what = f"the {role} ({type(model).__name__})"
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    was_training = model.training
-    model.eval()
+def _stage_shapes(model: nn.Module, role: str, input_size: tuple[int, ...], stages: str
+                  ) -> tuple[tuple[StageInfo, ...], int]:
+    """(the `stages` list's shapes, shallow to deep; pooled width) of `model` by
+    `feature_info`, or a ConfigError saying why ReviewKD cannot use it."""
     try:
-        out = model(torch.zeros(2, *input_size, device=device), features=True)
-    except TypeError as exc:
-        raise ConfigError(
-            f"ReviewKD needs stage features, but {what} does not accept model(x, features=True) ({exc}); "
-            "use a kdlab zoo model or a tv:/timm: CNN, or wrap the model in a FeatureClassifier"
-        ) from None
-    finally:
-        model.train(was_training)
-    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Features)):
-        raise ConfigError(
-            f"ReviewKD needs stage features, but {what} did not return (logits, Features) for "
-            "features=True; make it a kdlab FeatureClassifier"
-        )
-    feats = out[1]
-    maps = feats.preact_stages if preact else feats.stages
-    if not maps:
-        raise ConfigError(f"ReviewKD cannot pair {what}: it exposes no stage features (Features.stages is empty)")
-    for i, f in enumerate(maps):
-        if f.dim() != 4:
-            raise ConfigError(
-                f"ReviewKD cannot pair {what}: its stage {i + 1} output has shape {tuple(f.shape)}, not "
-                "(N, C, H, W); the fusion modules need spatial maps (a transformer's token sequence has "
-                "none), so use a convolutional model as the " + role
-            )
-    return [tuple(int(s) for s in f.shape[1:]) for f in maps], int(feats.pooled.flatten(1).shape[1])  # type: ignore[misc]
+        info = feature_info(model, input_size)  # type: ignore[arg-type]
+    except ConfigError as exc:
+        raise ConfigError(f"ReviewKD needs stage features, but the {role} cannot give them: {exc}") from None
+    shapes = getattr(info, stages)
+    if not shapes:
+        raise ConfigError(f"ReviewKD cannot pair the {role} ({type(model).__name__}): it exposes no stage "
+                          "features (Features.stages is empty)")
+    return shapes, info.pooled_dim
 
 
 def plan_levels(student: nn.Module, teacher: nn.Module, input_size: tuple[int, ...],
-                student_preact: bool = False) -> list[Level]:
+                student_features: str = "raw") -> list[Level]:
     """The compared levels, deepest first: pooled with pooled, then the deepest
     min(S, T) stages of each model paired deepest with deepest."""
-    s_stages, s_pool = _probe(student, "student", input_size, student_preact)
-    t_stages, t_pool = _probe(teacher, "teacher", input_size, True)
+    s_stages, s_pool = _stage_shapes(student, "student", input_size, STUDENT_STAGES[student_features])
+    t_stages, t_pool = _stage_shapes(teacher, "teacher", input_size, "preact_stages")
     n = min(len(s_stages), len(t_stages))
     levels = [Level(None, None, s_pool, t_pool, (1, 1), (1, 1))]
     for k in range(1, n + 1):
-        si, ti = len(s_stages) - k, len(t_stages) - k
-        levels.append(Level(si, ti, s_stages[si][0], t_stages[ti][0], s_stages[si][1:], t_stages[ti][1:]))
+        s, t = s_stages[len(s_stages) - k], t_stages[len(t_stages) - k]
+        levels.append(Level(len(s_stages) - k, len(t_stages) - k, s.channels, t.channels,
+                            (s.height, s.width), (t.height, t.width)))
     return levels
 
 
@@ -199,13 +204,13 @@ class ReviewKD(Distiller):
     """Knowledge review with attention-based fusion and the hierarchical context loss."""
 
     Config = ReviewKDConfig
-    logits_only = False  # needs the teacher's stage features, not just its logits
+    needs_teacher_features = True
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg: MethodConfig, *,
                  input_size: tuple[int, int, int] = (3, 32, 32), num_classes: int | None = None) -> None:
         super().__init__(student, teacher, cfg, input_size=input_size, num_classes=num_classes)
         c: ReviewKDConfig = cfg  # type: ignore[assignment]
-        self.levels = plan_levels(student, teacher, self.input_size, c.student_preact)
+        self.levels = plan_levels(student, teacher, self.input_size, c.student_features)
         self.mid_channels = c.mid_channels or min(MAX_MID_CHANNELS, self.levels[0].student_channels)
         self.abfs = nn.ModuleList(
             ABF(lv.student_channels, self.mid_channels, lv.teacher_channels, fuse=i > 0)
@@ -250,11 +255,12 @@ class ReviewKD(Distiller):
         """Extra logit-distillation terms (none here; `reviewkd_dkd` adds DKD's)."""
         return {}, {}
 
-    def forward_train(self, images: Tensor, targets: Tensor, *, epoch: int, teacher_logits: Tensor | None = None) -> StepOutput:
+    def forward_train(self, batch: Batch, epoch: int) -> StepOutput:
+        images, targets = batch.images, batch.targets
         cfg: ReviewKDConfig = self.cfg  # type: ignore[assignment]
         t_logits, t_feats = self.teacher_forward(images, features=True)
         logits, s_feats = self._student_features(images)
-        s_maps = s_feats.preact_stages if cfg.student_preact else s_feats.stages
+        s_maps = getattr(s_feats, STUDENT_STAGES[cfg.student_features])
         s_levels = self._select(s_feats, s_maps, [lv.student_stage for lv in self.levels])
         t_levels = self._select(t_feats, t_feats.preact_stages, [lv.teacher_stage for lv in self.levels])
         # One sample: batch statistics of the 1x1 pooled level are undefined (batch-norm
@@ -281,4 +287,4 @@ class ReviewKD(Distiller):
         return StepOutput(logits, losses, stats)
 
 
-__all__ = ["ABF", "Level", "ReviewKD", "ReviewKDConfig", "plan_levels", "resize_map"]
+__all__ = ["ABF", "Level", "ReviewKD", "ReviewKDConfig", "STUDENT_STAGES", "plan_levels", "resize_map"]

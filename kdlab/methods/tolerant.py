@@ -11,7 +11,7 @@ Two methods:
   KD with ce_weight = 1 - lam, kd_weight = lam, temperature = tau; a separate method so that
   configs and reports speak the paper's D(eta, lam) notation.
 
-`kdlab generations CONFIG` (kdlab.engine.generations) chains them; see docs/tolerant.md.
+`kdlab generations CONFIG` (kdlab.generations) chains them; see docs/tolerant.md.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from kdlab.losses.tolerant import (
     tsd_terms,
 )
 from kdlab.methods import register_method
-from kdlab.methods.base import Distiller, StepOutput
+from kdlab.methods.base import Batch, Distiller, StepOutput
 from kdlab.methods.kd import teacher_target_confidence
 
 PatriarchKind = Literal["strict", "tsd", "label_smoothing", "confidence_penalty"]
@@ -69,10 +69,11 @@ class Tolerant(Distiller):
         if cfg.kind == "tsd" and num_classes is not None and cfg.k > num_classes:
             raise ConfigError(
                 f"method.k={cfg.k} is larger than the {num_classes} classes of this dataset; "
-                f"set method.k (chain.k in a generations config) to at most {num_classes} (the paper uses 5)"
+                f"set method.k (chain.patriarch.k in a generations config) to at most {num_classes} (the paper uses 5)"
             )
 
-    def forward_train(self, images: Tensor, targets: Tensor, *, epoch: int, teacher_logits: Tensor | None = None) -> StepOutput:
+    def forward_train(self, batch: Batch, epoch: int) -> StepOutput:
+        images, targets = batch.images, batch.targets
         cfg = self.cfg
         logits = self.student(images)
         stats = {"target_conf": teacher_target_confidence(logits.detach(), targets)}
@@ -106,13 +107,14 @@ class Generation(Distiller):
 
     Config = GenerationConfig
 
-    def forward_train(self, images: Tensor, targets: Tensor, *, epoch: int, teacher_logits: Tensor | None = None) -> StepOutput:
+    def forward_train(self, batch: Batch, epoch: int) -> StepOutput:
+        images, targets = batch.images, batch.targets
         cfg = self.cfg
         logits = self.student(images)
         if cfg.lam == 0.0:
             # D(eta, 0.0): no teacher term, so skip the teacher's forward pass entirely.
             return StepOutput(logits, {"ce": cross_entropy(logits, targets)}, {})
-        t_logits = self.teacher_logits(images, teacher_logits)
+        t_logits = self.teacher_logits(batch)
         losses = {
             "ce": (1.0 - cfg.lam) * cross_entropy(logits, targets),
             "kd": cfg.lam * kd_loss(logits, t_logits, cfg.tau),

@@ -9,7 +9,7 @@ from torch import Tensor
 from kdlab.config.schema import MethodConfig
 from kdlab.losses import cross_entropy
 from kdlab.methods import register_method
-from kdlab.methods.base import Distiller, StepOutput
+from kdlab.methods.base import Batch, Distiller, StepOutput
 
 
 class VanillaConfig(MethodConfig):
@@ -24,6 +24,7 @@ class Vanilla(Distiller):
     Config = VanillaConfig
     requires_teacher = False
 
-    def forward_train(self, images: Tensor, targets: Tensor, *, epoch: int, teacher_logits: Tensor | None = None) -> StepOutput:
+    def forward_train(self, batch: Batch, epoch: int) -> StepOutput:
+        images, targets = batch.images, batch.targets
         logits = self.student(images)
         return StepOutput(logits, {"ce": cross_entropy(logits, targets, self.cfg.label_smoothing)}, {})

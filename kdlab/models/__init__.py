@@ -8,7 +8,9 @@ from kdlab.models.registry import MODELS, create_model, list_models, register_mo
 # Importing the zoo modules registers their constructors.
 from kdlab.models import zoo as _zoo  # noqa: F401,E402
 # Prefixes tv:/timm:/py: (torchvision, timm, custom modules); their libraries load lazily.
-from kdlab.models import adapter as _adapter, external as _external  # noqa: F401,E402
+from kdlab.models import adapter as _adapter  # noqa: F401,E402
+from kdlab.models import timm_models as _timm_models  # noqa: F401,E402
+from kdlab.models import torchvision_models as _torchvision_models  # noqa: F401,E402
 
 __all__ = [
     "FeatureClassifier",

@@ -17,12 +17,14 @@ directory) or `py:my_package.models:build` (an importable module). The function 
 `num_classes=` and the config's `model.kwargs`; `model.weights` is loaded into the
 wrapped module (`wrapped.net`) with the same strict checks as torchvision/timm weights.
 
-Features are captured by forward hooks that CLONE what they see, so in-place operations
-later in the forward (`relu_`, `+=`, `ReLU(inplace=True)`) cannot corrupt them: a stage is
-its module's output copied right after the module returns, a pre-activation is the input
-of the named activation copied right before it runs (when one activation module is called
-several times in a forward, as torchvision's ResNet blocks reuse `relu`, the last call
-counts). Hooks only record while features are requested; a plain `model(x)` costs nothing.
+Features are captured by forward hooks (`kdlab.models.capture`) that CLONE what they see,
+so in-place operations later in the forward (`relu_`, `+=`, `ReLU(inplace=True)`) cannot
+corrupt them: a stage is its module's output copied right after the module returns, a
+pre-activation is the input of the named activation copied right before it runs (when one
+activation module is called several times in a forward, as torchvision's ResNet blocks
+reuse `relu`, the last call counts). Hooks only record while features are requested; a
+plain `model(x)` costs nothing. The raw stages are the stages (a wrapped model declares no
+post-stage normalisation).
 """
 from __future__ import annotations
 
@@ -36,19 +38,18 @@ from typing import Any, Sequence
 from torch import Tensor, nn
 
 from kdlab.errors import ConfigError
+from kdlab.models.capture import (
+    pooled_vector,
+    recorded_input,
+    recorded_output,
+    recording,
+    watch_input,
+    watch_output,
+)
 from kdlab.models.features import FeatureClassifier, Features
 from kdlab.models.registry import register_prefix
+from kdlab.models.weights import head_prefix, load_weights
 from kdlab.registry import closest
-
-
-def _capture_output(module: nn.Module, args: Any, output: Any) -> None:
-    if getattr(module, "_kdlab_capture", False):
-        module._kdlab_out = output.clone()
-
-
-def _capture_input(module: nn.Module, args: Any) -> None:
-    if getattr(module, "_kdlab_capture", False):
-        module._kdlab_in = args[0].clone()
 
 
 class CustomClassifier(FeatureClassifier):
@@ -102,15 +103,16 @@ class CustomClassifier(FeatureClassifier):
         self._preact_mods = [modules[p] if p else None for p in preact]
         self._pooled_mod = modules[pooled] if pooled else None
         self._head_mod = modules[classifier] if classifier else None
+        # Copies: a user module may modify a tensor in place after kdlab has seen it.
         for m in self._stage_mods:
-            m.register_forward_hook(_capture_output)
+            watch_output(m, copy=True)
         for m in self._preact_mods:
             if m is not None:
-                m.register_forward_pre_hook(_capture_input)
+                watch_input(m, copy=True)
         if self._pooled_mod is not None:
-            self._pooled_mod.register_forward_hook(_capture_output)
+            watch_output(self._pooled_mod, copy=True)
         elif self._head_mod is not None:
-            self._head_mod.register_forward_pre_hook(_capture_input)
+            watch_input(self._head_mod, copy=True)
 
     def _watched(self) -> list[nn.Module]:
         mods = [*self._stage_mods, *[m for m in self._preact_mods if m is not None]]
@@ -121,37 +123,28 @@ class CustomClassifier(FeatureClassifier):
         return self._head_mod if self._head_mod is not None else nn.Identity()
 
     def forward_features(self, x: Tensor) -> tuple[Tensor, Features]:
-        watched = self._watched()
-        for m in watched:
-            m._kdlab_capture = True
-        try:
+        with recording(self._watched()):
             logits = self.net(x)
-            stages = [m._kdlab_out for m in self._stage_mods]
-            pre = [m._kdlab_in if m is not None else s for m, s in zip(self._preact_mods, stages)]
+            stages = [recorded_output(m) for m in self._stage_mods]
+            pre = [s if m is None else recorded_input(m) for m, s in zip(self._preact_mods, stages)]
             if self._pooled_mod is not None:
-                pooled = self._pooled_mod._kdlab_out
+                pooled = recorded_output(self._pooled_mod)
             elif self._head_mod is not None:
-                pooled = self._head_mod._kdlab_in
+                pooled = recorded_input(self._head_mod)
             else:
                 pooled = stages[-1]
-        except AttributeError:
+        if any(t is None for t in (*stages, *pre, pooled)):
             raise ConfigError(
                 f"wrap_model: a named module did not run in {type(self.net).__name__}.forward; "
                 f"check stages={self.stage_names}, preact={self.preact_names}, "
                 f"classifier={self.classifier_name!r}, pooled={self.pooled_name!r}"
-            ) from None
-        finally:
-            for m in watched:
-                m._kdlab_capture = False
-                m.__dict__.pop("_kdlab_out", None)
-                m.__dict__.pop("_kdlab_in", None)
+            )
         if not isinstance(logits, Tensor):
             raise ConfigError(
                 f"wrap_model: {type(self.net).__name__}.forward must return the logits tensor, got "
                 f"{type(logits).__name__}; wrap it in a module whose forward returns only the logits"
             )
-        pooled = pooled.mean((2, 3)) if pooled.dim() == 4 else pooled.flatten(1)
-        return logits, Features(stages, pre, pooled)
+        return logits, Features(stages, pre, pooled_vector(pooled))
 
     def forward(self, x: Tensor, features: bool = False):
         if features:
@@ -208,8 +201,6 @@ def _load_module(target: str, label: str):
 def python_model(spec: str, num_classes: int = 1000, weights: str | None = None,
                  reset_head: bool = False, **kwargs: Any) -> FeatureClassifier:
     """`py:MODULE:FUNCTION` / `py:FILE.py:FUNCTION`: a user function returning a FeatureClassifier."""
-    from kdlab.models.weights import head_prefix, load_weights
-
     label = f"py:{spec}"
     target, sep, attr = spec.rpartition(":")
     if not sep or not target or not attr:

@@ -6,11 +6,12 @@ add with `register_prefix`, so external model families plug in without a rewrite
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 from torch import nn
 
-from kdlab.registry import Registry
+from kdlab.registry import Registry, UnknownNameError
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 _PREFIXES: dict[str, Callable[..., nn.Module]] = {}
@@ -26,34 +27,29 @@ def register_prefix(prefix: str, factory: Callable[..., nn.Module]) -> None:
     _PREFIXES[prefix] = factory
 
 
+def _constructor(name: str) -> Callable[..., nn.Module]:
+    """The function that builds `name` from `num_classes=` and keyword arguments, or
+    `UnknownNameError` listing the valid names or prefixes."""
+    if ":" not in name:
+        return MODELS.get(name)
+    prefix, _, rest = name.partition(":")
+    if prefix not in _PREFIXES:
+        raise UnknownNameError(
+            f"unknown model prefix {prefix!r} in {name!r}; known prefixes: "
+            f"{', '.join(sorted(_PREFIXES)) or '(none)'}"
+        )
+    return functools.partial(_PREFIXES[prefix], rest)
+
+
 def create_model(name: str, num_classes: int = 100, **kwargs: Any) -> nn.Module:
     """Build a model by name. Zoo names are listed by `list_models()`."""
-    if ":" in name:
-        prefix, _, rest = name.partition(":")
-        if prefix not in _PREFIXES:
-            from kdlab.registry import UnknownNameError
-
-            raise UnknownNameError(
-                f"unknown model prefix {prefix!r} in {name!r}; known prefixes: "
-                f"{', '.join(sorted(_PREFIXES)) or '(none)'}"
-            )
-        return _PREFIXES[prefix](rest, num_classes=num_classes, **kwargs)
-    return MODELS.get(name)(num_classes=num_classes, **kwargs)
+    return _constructor(name)(num_classes=num_classes, **kwargs)
 
 
 def check_model_name(name: str) -> None:
-    """Raise `UnknownNameError` (listing valid names) unless `name` can be built."""
-    if ":" in name:
-        prefix = name.partition(":")[0]
-        if prefix not in _PREFIXES:
-            from kdlab.registry import UnknownNameError
-
-            raise UnknownNameError(
-                f"unknown model prefix {prefix!r} in {name!r}; known prefixes: "
-                f"{', '.join(sorted(_PREFIXES)) or '(none)'}"
-            )
-        return
-    MODELS.get(name)
+    """Raise `UnknownNameError` (listing valid names) unless `name` can be built. A prefixed
+    name is checked up to its prefix: its library validates the rest when building."""
+    _constructor(name)
 
 
 def list_models() -> list[str]:

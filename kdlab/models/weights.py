@@ -10,18 +10,80 @@ that names the keys. The one intended mismatch, a classifier head trained for an
 of classes (ImageNet weights, 10-class data), is allowed only with `reset_head=True`
 (`model.kwargs: {reset_head: true}`): every other weight is loaded and the head keeps its
 fresh initialisation.
+
+This module also holds what every reader of a torch file needs, so that models/ never imports
+the engine: `read_torch_file` (a `weights_only` load whose failures are explained without
+PyTorch's advice to disable `weights_only`) and the state-dict key-mismatch formatting.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from kdlab.engine.checkpoint import format_key_problems
 from kdlab.errors import CheckpointError
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_state", "model_ema")
+
+
+class UnreadableTorchFile(Exception):
+    """`read_torch_file` failed. `problem` completes "<file> ...", for example "is corrupt or
+    truncated (its zip archive is incomplete)"; `foreign` is True when the file holds pickled
+    Python objects other than tensors and plain containers."""
+
+    def __init__(self, problem: str, foreign: bool) -> None:
+        super().__init__(problem)
+        self.problem, self.foreign = problem, foreign
+
+
+def read_torch_file(path: str | Path, map_location: Any = "cpu") -> Any:
+    """`torch.load(path, weights_only=True)`: never executes code from the file.
+
+    Raises `UnreadableTorchFile` with kdlab's own wording. PyTorch's error text is never
+    passed on: it advises re-running `torch.load` with `weights_only=False`, which would
+    execute arbitrary code from an untrusted file.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated zip, pickled classes, not a torch file at all
+        text = str(exc)
+        foreign = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if foreign:
+            raise UnreadableTorchFile(
+                f"holds pickled Python objects ({foreign.group(1)}), not only tensors and plain "
+                "containers; kdlab never unpickles such objects, because unpickling runs code from the file",
+                foreign=True) from None
+        if isinstance(exc, EOFError) or "zip archive" in text or "PytorchStreamReader" in text:
+            raise UnreadableTorchFile("is corrupt or truncated (its data ends early or its zip archive "
+                                      "is incomplete)", foreign=False) from None
+        raise UnreadableTorchFile("is corrupt or truncated, or is not a file written by torch.save",
+                                  foreign=False) from None
+
+
+def format_key_problems(missing: list[str], unexpected: list[str], shapes: list[str], limit: int = 6) -> str:
+    """One line naming the first `limit` keys of each kind of state-dict mismatch."""
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+        if items:
+            more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+            parts.append(f"{label}: {', '.join(items[:limit])}{more}")
+    return "; ".join(parts)
+
+
+def describe_mismatch(model: nn.Module, state: dict[str, Tensor], limit: int = 6) -> str:
+    """'' when `state` fits `model` exactly, else the missing/unexpected/mis-shaped keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    return format_key_problems(missing, unexpected, shapes, limit)
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
@@ -34,19 +96,22 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
             "machine with internet access, or the hub's .pth/.safetensors file) and point "
             "model.weights (or teacher.weights) at it"
         )
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    fix = "use a .pth/.pt file written by torch.save(model.state_dict(), ...) or a .safetensors file"
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file  # lazy: only .safetensors files need it
 
+        try:
             state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # wrong format, truncated file, pickled code
-        raise CheckpointError(
-            f"model.weights file {str(path)!r} cannot be read as a state dict "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
-            "use a .pth/.pt file written by torch.save(model.state_dict(), ...) or a .safetensors file"
-        ) from None
+        except Exception as exc:  # truncated or not a safetensors file
+            raise CheckpointError(
+                f"model.weights file {str(path)!r} cannot be read as safetensors "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); {fix}"
+            ) from None
+    else:
+        try:
+            state = read_torch_file(path)
+        except UnreadableTorchFile as exc:
+            raise CheckpointError(f"model.weights file {str(path)!r} {exc.problem}; {fix}") from None
     if isinstance(state, dict):
         for key in _WRAPPER_KEYS:
             inner = state.get(key)

@@ -3,12 +3,17 @@
 For the chosen rows (plus the baseline rows that `top1_gain` rows are measured against):
 
 1. *Plan, before any training*: load each row's config with the command-line overrides,
-   resolve its teacher (the row's `teacher_config` run's `best.pt`: reused when present,
-   trained first otherwise; or the config's own `teacher.weights`/`teacher.checkpoint`), and
+   resolve its teacher (the row's `teacher_config` run's `last.pt` or `best.pt`, whichever the
+   row's config names: reused when present, trained first otherwise; or the config's own
+   `teacher.weights`/`teacher.checkpoint`), and
    build each dataset once (`build_datasets`). A missing config, dataset, teacher file, or a
    run folder holding another config becomes that row's one-line problem; the other rows go on.
-2. *Run*: teachers first, then rows in table order. A run folder with `result.json` and the
-   same config is reused; an interrupted one resumes from `last.pt`.
+   A row's run folder that already holds a run is refused untouched unless `resume` (a
+   finished run of the same config is reused, an interrupted one continues from `last.pt`)
+   or `overwrite` (its files are deleted before it trains again); a folder holding another
+   config is continued by neither. A finished teacher of the same config is always reused
+   (it is only read).
+2. *Run*: teachers first, then rows in table order.
 3. *Compare*: measured last-epoch and best-epoch values against the published number, with
    the difference (measured - published), mean over seeds with `seeds > 1`.
 
@@ -24,13 +29,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-import yaml
-
-from kdlab.errors import KDLabError
-from kdlab.config.compare import run_differences
+from kdlab.config.loader import load_config, override_section
+from kdlab.data import build_datasets
+from kdlab.engine.run_folder import RunFolder
+from kdlab.engine.trainer import Trainer
+from kdlab.errors import DataError, KDLabError
+from kdlab.experiments.results import mean_std
+from kdlab.experiments.seeds import seed_configs
+from kdlab.generations.config import is_chain_file, load_chain
+from kdlab.generations.runner import chain_refusal, run_chain
 from kdlab.reproduce.table import Row, load_rows
 
 log = logging.getLogger("kdlab")
+
+RETRY = "kdlab reproduce ROW"
+
 
 def repo_root(explicit: str | Path | None = None) -> Path:
     """Where the rows' `configs/...` paths are resolved: `explicit`, else the current folder
@@ -46,40 +59,23 @@ def split_overrides(overrides: Iterable[str]) -> tuple[list[str], list[str]]:
     """(overrides for every config, overrides for the row's own config only)."""
     shared, own = [], []
     for text in overrides:
-        head = text.split("=", 1)[0].strip().split(".", 1)[0]
-        (own if head in ("method", "teacher", "name") else shared).append(text)
+        (own if override_section(text) in ("method", "teacher", "name") else shared).append(text)
     return shared, own
 
 
-def is_chain_file(path: Path) -> bool:
-    """A generations chain config (`kdlab generations`) has a top-level `experiment:` block."""
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return False
-    return isinstance(data, dict) and "experiment" in data
-
-
-def folder_conflict(run_dir: Path, cfg: Any) -> str | None:
-    """A problem message when `run_dir` already holds a run of another config, else None."""
-    from kdlab.config.loader import config_to_dict
-
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        return None
-    try:
-        old = yaml.safe_load(saved.read_text()) or {}
-    except yaml.YAMLError:
-        return None
-    diffs = run_differences(old, config_to_dict(cfg))
-    if not diffs:
-        return None
-    return (f"{run_dir} already holds a run of another config ({'; '.join(diffs[:3])}); "
-            "set output_dir=<another folder> or delete that run folder")
-
-
-def finished(run_dir: Path) -> bool:
-    return (run_dir / "result.json").is_file()
+def folder_problem(cfg: Any, *, resume: bool, overwrite: bool, what: str = "run") -> str | None:
+    """Why `cfg` may not train into its run folder with these flags (None when it may): the
+    folder holds a run and neither flag was given, or it holds another config (which `resume`
+    cannot continue and reuse would misreport; `overwrite` replaces it)."""
+    folder = RunFolder.of(cfg)
+    if not folder.holds_run() or overwrite:
+        return folder.refusal(resume=resume, overwrite=overwrite, what=what, retry=RETRY)
+    diffs = folder.differences(cfg)
+    if diffs:
+        return (f"{folder.path} already holds a run of another config ({'; '.join(diffs[:3])}); "
+                f"train into another folder (name=<new name> or output_dir=<folder>) or replace it: "
+                f"{RETRY} --overwrite")
+    return folder.refusal(resume=resume, overwrite=overwrite, what=what, retry=RETRY)
 
 
 @dataclass
@@ -93,6 +89,8 @@ class Plan:
     teacher_cfg: Any = None
     teacher_action: str = "-"  # -, reuse, train, file
     is_dependency: bool = False
+    resume: bool = False  # continue / reuse what the run folders hold
+    overwrite: bool = False  # delete what they hold before training
 
     @property
     def run_dirs(self) -> list[Path]:
@@ -105,15 +103,12 @@ class Plan:
         if self.problem:
             return "cannot run"
         dirs = self.run_dirs
-        if dirs and all(finished(d) for d in dirs) and self.chain is None:
+        if dirs and not self.overwrite and all(RunFolder(d).is_finished() for d in dirs) and self.chain is None:
             return "done (reused)"
         return "to train" + (" (teacher first)" if self.teacher_action == "train" else "")
 
 
 def _dataset_problem(data_cfg: Any, seed: int, cache: dict[str, str | None]) -> str | None:
-    from kdlab.data import build_datasets
-    from kdlab.errors import DataError
-
     key = json.dumps([data_cfg.name, data_cfg.root, data_cfg.train_split, data_cfg.val_split, data_cfg.transform])
     if key not in cache:
         try:
@@ -124,12 +119,10 @@ def _dataset_problem(data_cfg: Any, seed: int, cache: dict[str, str | None]) -> 
     return cache[key]
 
 
-def plan_row(row: Row, overrides: Sequence[str], root: Path, seeds: int, data_cache: dict) -> Plan:
+def plan_row(row: Row, overrides: Sequence[str], root: Path, seeds: int, data_cache: dict, *,
+             resume: bool = False, overwrite: bool = False) -> Plan:
     """Load and check everything a row needs; never trains. Problems become `Plan.problem`."""
-    from kdlab.config import load_config
-    from kdlab.experiments.seeds import seed_configs
-
-    plan = Plan(row)
+    plan = Plan(row, resume=resume, overwrite=overwrite)
     if not row.config:
         plan.problem = "kdlab has no config for this row (yet)"
         return plan
@@ -140,11 +133,10 @@ def plan_row(row: Row, overrides: Sequence[str], root: Path, seeds: int, data_ca
     shared, own = split_overrides(overrides)
     try:
         if is_chain_file(path):
-            from kdlab.engine.generations import load_chain
-
             plan.chain = load_chain(path, list(shared) + list(own))
             data_cfg, seed = plan.chain.configs[0].data, plan.chain.configs[0].train.seed
-            plan.problem = _dataset_problem(data_cfg, seed, data_cache)
+            plan.problem = (chain_refusal(plan.chain, resume=resume, overwrite=overwrite)
+                            or _dataset_problem(data_cfg, seed, data_cache))
             return plan
         teacher_override: list[str] = []
         if row.teacher_config and not any(o.startswith("teacher.checkpoint=") for o in own):
@@ -154,9 +146,16 @@ def plan_row(row: Row, overrides: Sequence[str], root: Path, seeds: int, data_ca
                 return plan
             plan.teacher_cfg = load_config(tpath, shared)
             t_dir = Path(plan.teacher_cfg.output_dir) / plan.teacher_cfg.name
-            teacher_override = [f"teacher.checkpoint={t_dir / 'best.pt'}", "teacher.weights=null"]
-            plan.teacher_action = "reuse" if (t_dir / "best.pt").is_file() and finished(t_dir) else "train"
-            conflict = folder_conflict(t_dir, plan.teacher_cfg)
+            # The file the row's config names: last.pt (DKD/KD, the final epoch as the DKD authors
+            # distil from) or best.pt (ReviewKD's official scripts; also when it names neither).
+            named = load_config(path, list(shared) + list(own)).teacher
+            t_file = "last.pt" if named is not None and Path(named.checkpoint or "").name == "last.pt" else "best.pt"
+            teacher_override = [f"teacher.checkpoint={t_dir / t_file}", "teacher.weights=null"]
+            t_folder = RunFolder(t_dir)
+            reusable = (t_dir / t_file).is_file() and t_folder.is_finished() and not t_folder.differences(plan.teacher_cfg)
+            plan.teacher_action = "reuse" if reusable else "train"
+            conflict = None if reusable else folder_problem(plan.teacher_cfg, resume=resume, overwrite=overwrite,
+                                                             what="teacher run")
             if conflict:
                 plan.problem = "teacher: " + conflict
                 return plan
@@ -170,7 +169,7 @@ def plan_row(row: Row, overrides: Sequence[str], root: Path, seeds: int, data_ca
             for label, value in (("teacher.checkpoint", cfg.teacher.checkpoint), ("teacher.weights", cfg.teacher.weights)):
                 if value and not Path(value).is_file():
                     problems.append(f"{label} {value!r} does not exist; put the file there or pass {label}=PATH")
-        problems += [folder_conflict(Path(c.output_dir) / c.name, c) for c in plan.configs]
+        problems += [folder_problem(c, resume=resume, overwrite=overwrite) for c in plan.configs]
         unique = [p for i, p in enumerate(problems) if p and p not in problems[:i]]
         plan.problem = "; ".join(unique) or None
     except KDLabError as exc:
@@ -179,8 +178,10 @@ def plan_row(row: Row, overrides: Sequence[str], root: Path, seeds: int, data_ca
 
 
 def plan_rows(rows: Sequence[Row], overrides: Sequence[str] = (), *, root: str | Path | None = None,
-              seeds: int = 1, all_rows: Sequence[Row] | None = None) -> list[Plan]:
-    """Plans for `rows` and, first, for the baseline rows they are measured against."""
+              seeds: int = 1, all_rows: Sequence[Row] | None = None, resume: bool = False,
+              overwrite: bool = False) -> list[Plan]:
+    """Plans for `rows` and, first, for the baseline rows they are measured against.
+    `resume` / `overwrite`: what to do with run folders that already hold runs (see `folder_problem`)."""
     table = {r.id: r for r in (all_rows or load_rows())}
     wanted = [r.id for r in rows]
     ordered: list[tuple[Row, bool]] = []
@@ -192,7 +193,7 @@ def plan_rows(rows: Sequence[Row], overrides: Sequence[str] = (), *, root: str |
     base = repo_root(root)
     plans = []
     for row, dep in ordered:
-        p = plan_row(row, overrides, base, seeds, cache)
+        p = plan_row(row, overrides, base, seeds, cache, resume=resume, overwrite=overwrite)
         p.is_dependency = dep
         plans.append(p)
     return plans
@@ -212,32 +213,30 @@ class Measured:
     run_dirs: list[str] = field(default_factory=list)
 
 
-def _read_result(run_dir: Path) -> dict[str, Any]:
-    return json.loads((run_dir / "result.json").read_text())
+def _train(cfg: Any, plan: Plan, trained: set[Path], what: str = "run") -> Path:
+    """Train `cfg` into its run folder under the plan's flags, once per `reproduce` call
+    (`trained`: the folders trained or reused so far; a teacher shared by rows trains once)."""
+    folder = RunFolder.of(cfg)
+    key = folder.path.resolve()
+    if key in trained or (not plan.overwrite and folder.is_finished()):
+        log.info("%s: finished earlier, reused", folder.path)
+        trained.add(key)
+        return folder.path
+    folder.claim(resume=plan.resume, overwrite=plan.overwrite, what=what, retry=RETRY)
+    Trainer(cfg, resume=True).fit()  # resume=True: claimed above; an interrupted run continues
+    trained.add(key)
+    return folder.path
 
 
-def _train(cfg: Any) -> Path:
-    from kdlab.engine.trainer import Trainer
-
-    run_dir = Path(cfg.output_dir) / cfg.name
-    if finished(run_dir):
-        log.info("%s: finished earlier, reused", run_dir)
-        return run_dir
-    Trainer(cfg, resume=True).fit()
-    return run_dir
-
-
-def run_plan(plan: Plan) -> Measured:
-    """Train what the plan needs (teacher first) and return the measurement."""
-    from kdlab.experiments.results import mean_std
-
+def run_plan(plan: Plan, trained: set[Path] | None = None) -> Measured:
+    """Train what the plan needs (teacher first) and return the measurement. `trained`: the run
+    folders this `reproduce` call has trained or reused already (shared by its plans)."""
+    trained = set() if trained is None else trained
     if plan.problem:
         raise KDLabError(f"{plan.row.id}: {plan.problem}")
     if plan.chain is not None:
-        from kdlab.engine.generations import finished_generations, run_chain
-
-        run_chain(plan.chain)
-        results = [_read_result(plan.chain.run_dir(m)) for m in finished_generations(plan.chain)]
+        run_chain(plan.chain, resume=plan.resume, overwrite=plan.overwrite)
+        results = [plan.chain.folder(m).read_result() for m in plan.chain.finished_generations()]
         if not results:
             raise KDLabError(f"{plan.row.id}: the chain has no finished generation")
         key = "last_top5" if plan.row.metric.startswith("top5") else "last_top1"
@@ -246,10 +245,10 @@ def run_plan(plan: Plan) -> Measured:
                         run_dirs=[str(plan.chain.root)])
     if plan.teacher_cfg is not None and plan.teacher_action == "train":
         log.info("== %s: training its teacher %s first", plan.row.id, plan.teacher_cfg.name)
-        _train(plan.teacher_cfg)
+        _train(plan.teacher_cfg, plan, trained, "teacher run")
         plan.teacher_action = "reuse"
-    dirs = [_train(c) for c in plan.configs]
-    res = [_read_result(d) for d in dirs]
+    dirs = [_train(c, plan, trained) for c in plan.configs]
+    res = [RunFolder(d).read_result() for d in dirs]
     vals = {k: mean_std([r[k] for r in res]) for k in ("last_top1", "best_top1", "last_top5", "best_top5")}
     return Measured(vals["last_top1"][0], vals["best_top1"][0], vals["last_top5"][0], vals["best_top5"][0],
                     len(res), vals["last_top1"][1], [str(d) for d in dirs])
@@ -299,6 +298,7 @@ class Outcome:
 def reproduce(plans: Sequence[Plan]) -> list[Outcome]:
     """Run every plan without a problem, in order; a failing row does not stop the others."""
     measured: dict[str, Measured] = {}
+    trained: set[Path] = set()
     out = []
     for p in plans:
         if p.problem:
@@ -306,7 +306,7 @@ def reproduce(plans: Sequence[Plan]) -> list[Outcome]:
             continue
         try:
             log.info("== reproduce %s (%s)", p.row.id, p.row.config)
-            m = run_plan(p)
+            m = run_plan(p, trained)
         except KDLabError as exc:
             out.append(Outcome(p.row, "failed", problem=str(exc), is_dependency=p.is_dependency))
             continue
@@ -321,5 +321,5 @@ def reproduce(plans: Sequence[Plan]) -> list[Outcome]:
     return out
 
 
-__all__ = ["Measured", "Outcome", "Plan", "folder_conflict", "metric_values", "plan_row", "plan_rows",
+__all__ = ["Measured", "Outcome", "Plan", "folder_problem", "metric_values", "plan_row", "plan_rows",
            "repo_root", "reproduce", "run_plan", "split_overrides"]

@@ -28,6 +28,7 @@ METRICS = {
     "top1_best_generation": "top-1 (%) of the best generation of a chain",
     "top1_error_best_generation": "top-1 error (%) of the best generation of a chain",
     "top5_error_best_generation": "top-5 error (%) of the best generation of a chain",
+    "bbox_ap": "COCO box AP (%) at IoU .50:.95 (pycocotools COCOeval; task: detection)",
 }
 
 

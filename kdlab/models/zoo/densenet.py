@@ -6,6 +6,10 @@ transitions BN-ReLU-conv1x1 (compression 0.5)-avgpool2; final BN-ReLU-pool-linea
 
 Features (stages are taken *before* each transition, at the dense block's resolution):
     stem          conv1(x) (no BN/ReLU in this stem)                   (2k, 32, 32)
+    raw_stages    dense_i output (the concatenation, no BN, no ReLU). Neither mdistiller nor
+                  the official ReviewKD code has a DenseNet; by the convention of their
+                  other pre-activation family (WRN, whose `feats` are the raw block
+                  outputs), the raw dense-block output.
     preact_stages bn(dense_i output), where bn is the BN that consumes it: trans1.bn,
                   trans2.bn and the final bn (the same convention as our WRN)
     stages        relu(preact_stages[i]): what the transition's conv (or the pooling) eats
@@ -63,14 +67,12 @@ class DenseNetBC(FeatureClassifier):
         n = (depth - 4) // 6
         channels = 2 * growth_rate
         self.conv1 = nn.Conv2d(3, channels, 3, padding=1, bias=False)
-        stage_channels = [channels]
         for i in (1, 2, 3):
             layers = []
             for _ in range(n):
                 layers.append(DenseLayer(channels, growth_rate))
                 channels += growth_rate
             setattr(self, f"dense{i}", nn.Sequential(*layers))
-            stage_channels.append(channels)
             if i < 3:
                 out = int(math.floor(channels * compression))
                 setattr(self, f"trans{i}", Transition(channels, out))
@@ -78,7 +80,6 @@ class DenseNetBC(FeatureClassifier):
         self.bn = nn.BatchNorm2d(channels)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
-        self.stage_channels = stage_channels
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -94,15 +95,18 @@ class DenseNetBC(FeatureClassifier):
 
     def forward_features(self, x: Tensor) -> tuple[Tensor, Features]:
         stem = self.conv1(x)
-        p1 = self.trans1.bn(self.dense1(stem))
+        r1 = self.dense1(stem)
+        p1 = self.trans1.bn(r1)
         f1 = F.relu(p1)
-        p2 = self.trans2.bn(self.dense2(self.trans1.forward_activated(f1)))
+        r2 = self.dense2(self.trans1.forward_activated(f1))
+        p2 = self.trans2.bn(r2)
         f2 = F.relu(p2)
-        p3 = self.bn(self.dense3(self.trans2.forward_activated(f2)))
+        r3 = self.dense3(self.trans2.forward_activated(f2))
+        p3 = self.bn(r3)
         f3 = F.relu(p3)
         pooled = self.avgpool(f3).flatten(1)
         logits = self.fc(pooled)
-        return logits, Features([f1, f2, f3], [p1, p2, p3], pooled, stem)
+        return logits, Features([f1, f2, f3], [p1, p2, p3], pooled, stem, raw_stages=[r1, r2, r3])
 
 
 @register_model

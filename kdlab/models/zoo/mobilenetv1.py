@@ -10,6 +10,7 @@ Features (mdistiller `feats` / `preact_feats`, the last block at each resolution
     stages        relu outputs of model[3], model[5], model[11], model[13]
                   (128@56, 256@28, 512@14, 1024@7 for a 224x224 input)
     preact_stages the same blocks' final BN output, before that ReLU
+    raw_stages    = stages (the ReLU belongs to the block; mdistiller's `feats`)
     pooled        global average of model[13]'s output (1024), fed to `fc`
 """
 from __future__ import annotations

@@ -9,6 +9,7 @@ Features (mdistiller `feats[1:]`):
     stages        outputs of blocks[1], blocks[2], blocks[4], blocks[6] (the last block at
                   each resolution: 12@16x16, 16@8x8, 48@4x4, 160@2x2 for a 32x32 input)
     preact_stages the same tensors: the stages end in a linear bottleneck (no activation)
+    raw_stages    the same tensors (mdistiller's `feats`)
     pooled        global average of conv2(blocks[6] output) (1280), fed to `classifier`
 """
 from __future__ import annotations
@@ -74,7 +75,6 @@ class MobileNetV2Model(FeatureClassifier):
         self.conv2 = _conv_bn_relu(input_channel, self.last_channel, 1, 1)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Linear(self.last_channel, num_classes))
-        self.stage_channels = [int(c * width_mult) for c in (32, 24, 32, 96, 320)]
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):

@@ -7,6 +7,7 @@ Features:
     stem          relu(bn1(conv1(x)))                                  (64, 32, 32)
     stages        output of layer1..layer4 (after the last block's ReLU)
     preact_stages the last block's `bn(conv(.)) + shortcut`, before that ReLU
+    raw_stages    = stages (the ReLU belongs to the block; mdistiller's `feats`)
     pooled        global average of layer4's output, fed to `linear`
 """
 from __future__ import annotations
@@ -92,7 +93,6 @@ class ResNet(FeatureClassifier):
         self.layer4 = self._make_layer(block, 512, num_blocks[3], 2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(512 * block.expansion, num_classes)
-        self.stage_channels = [64 * block.expansion * 2**i for i in range(4)]
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):

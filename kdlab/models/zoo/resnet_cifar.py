@@ -8,6 +8,9 @@ Features:
     stem          relu(bn1(conv1(x)))                                 (C0, 32, 32)
     stages        output of layer1, layer2, layer3 (after the last block's ReLU)
     preact_stages the last block's `bn2(conv2(.)) + shortcut`, before that ReLU
+    raw_stages    = stages: the ReLU belongs to the stage's last block, nothing follows the
+                  stage; mdistiller's and the official ReviewKD code's `feats` are these
+                  post-ReLU outputs
     pooled        global average of layer3's output, fed to `fc`
 """
 from __future__ import annotations
@@ -68,7 +71,6 @@ class CifarResNet(FeatureClassifier):
         self.layer3 = self._make_layer(num_filters[3], n, stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(num_filters[3], num_classes)
-        self.stage_channels = list(num_filters)
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):

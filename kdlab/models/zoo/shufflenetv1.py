@@ -8,6 +8,8 @@ Features (mdistiller `feats[1:]` / `preact_feats[1:]`):
     stem          relu(bn1(conv1(x)))                                  (24, 32, 32)
     stages        output of layer1..layer3 (after the last block's ReLU)
     preact_stages the last block's `bn3(conv3(.)) + shortcut` before that ReLU
+    raw_stages    = stages (the ReLU belongs to the unit; mdistiller's and the official
+                  ReviewKD code's `feats`)
     pooled        global average of layer3's output (960), fed to `linear`
 """
 from __future__ import annotations
@@ -73,7 +75,6 @@ class ShuffleNetV1(FeatureClassifier):
         self.layer3 = self._make_layer(out_planes[2], num_blocks[2], groups)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(out_planes[2], num_classes)
-        self.stage_channels = [24, *out_planes]
 
     def _make_layer(self, out_planes: int, num_blocks: int, groups: int) -> nn.Sequential:
         layers = []

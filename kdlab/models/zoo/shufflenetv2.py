@@ -12,6 +12,8 @@ Features (mdistiller `feats[1:]`; the reference lists no final-conv feature):
                   unshuffled concat; ours is the same tensor with the channel shuffle
                   applied, so that relu(preact) == stage exactly (x1 is itself a ReLU
                   output, so it is unchanged by the ReLU).
+    raw_stages    = stages (the ReLU belongs to the unit; mdistiller's and the official
+                  ReviewKD code's `feats`)
     pooled        global average of relu(bn2(conv2(layer3 output))) (1024), fed to `linear`
 """
 from __future__ import annotations
@@ -110,7 +112,6 @@ class ShuffleNetV2(FeatureClassifier):
         self.bn2 = nn.BatchNorm2d(out_channels[3])
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(out_channels[3], num_classes)
-        self.stage_channels = [24, *out_channels[:3]]
 
     def _make_layer(self, out_channels: int, num_blocks: int) -> nn.Sequential:
         layers: list[nn.Module] = [DownBlock(self.in_channels, out_channels)]

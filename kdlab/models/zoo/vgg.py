@@ -10,6 +10,8 @@ Features (mdistiller `feats[1:]` / `preact_feats[1:]`):
     stem          relu(block0(x))                                      (64, 32, 32)
     stages        relu(block_i(.)) for blocks 1-4, before the following max-pool
     preact_stages block_i(.) (its last BN output), before that ReLU
+    raw_stages    = stages: the ReLU is the block's own (kdlab applies it outside the
+                  Sequential only to expose the BN output); mdistiller's `feats`
     pooled        global average of relu(block4(.)), fed to `classifier`
 """
 from __future__ import annotations
@@ -53,7 +55,6 @@ class VGG(FeatureClassifier):
         self.pool3 = nn.MaxPool2d(2, 2)
         self.pool4 = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(cfg[4][-1], num_classes)
-        self.stage_channels = [c[-1] for c in cfg]
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):

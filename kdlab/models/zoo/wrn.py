@@ -5,14 +5,17 @@ next stage normalises and activates first (`next_block.bn1`, then ReLU); the las
 followed by the final `bn1` + ReLU. Module names follow the reference, so its checkpoints
 load with `load_state_dict`.
 
-Features (mdistiller convention for the pre-activations):
+Features:
     stem          conv1(x) (no BN/ReLU in this stem)                   (16, 32, 32)
-    preact_stages bn(f_i), where f_i is block_i's raw output and bn is the BN that consumes
-                  it: block2.layer[0].bn1, block3.layer[0].bn1, and the final bn1. These are
-                  exactly mdistiller's `preact_feats[1:]`.
+    raw_stages    f_i, block_i's raw output (the residual sum, no BN, no ReLU): exactly
+                  mdistiller's and the official ReviewKD code's `feats[1:]`, the student
+                  features both feed ReviewKD's fusion for a WRN student.
+    preact_stages bn(f_i), where bn is the BN that consumes it: block2.layer[0].bn1,
+                  block3.layer[0].bn1, and the final bn1. These are exactly mdistiller's
+                  `preact_feats[1:]` (the teacher features of ReviewKD).
     stages        relu(preact_stages[i]): the activated tensor the next stage (or the
                   pooling) really consumes; the last one is the output after the final
-                  bn+relu. (mdistiller's `feats` list the raw sums f_i instead.)
+                  bn+relu.
     pooled        global average of relu(bn1(f_3)), fed to `fc`
 The activation is computed once and handed to the next stage, so features cost nothing.
 """
@@ -87,8 +90,6 @@ class WideResNet(FeatureClassifier):
         self.bn1 = nn.BatchNorm2d(ch[3])
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(ch[3], num_classes)
-        self.nChannels = ch[3]
-        self.stage_channels = ch
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -105,18 +106,18 @@ class WideResNet(FeatureClassifier):
 
     def forward_features(self, x: Tensor) -> tuple[Tensor, Features]:
         stem = self.conv1(x)
-        out = self.block1(stem)
-        p1 = self.block2.layer[0].bn1(out)
+        r1 = self.block1(stem)
+        p1 = self.block2.layer[0].bn1(r1)
         f1 = F.relu(p1)
-        out = self.block2.forward_activated(f1, out)
-        p2 = self.block3.layer[0].bn1(out)
+        r2 = self.block2.forward_activated(f1, r1)
+        p2 = self.block3.layer[0].bn1(r2)
         f2 = F.relu(p2)
-        out = self.block3.forward_activated(f2, out)
-        p3 = self.bn1(out)
+        r3 = self.block3.forward_activated(f2, r2)
+        p3 = self.bn1(r3)
         f3 = F.relu(p3)
         pooled = self.avgpool(f3).flatten(1)
         logits = self.fc(pooled)
-        return logits, Features([f1, f2, f3], [p1, p2, p3], pooled, stem)
+        return logits, Features([f1, f2, f3], [p1, p2, p3], pooled, stem, raw_stages=[r1, r2, r3])
 
 
 @register_model

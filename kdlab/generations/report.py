@@ -2,7 +2,7 @@
 
 For each finished generation m it evaluates the checkpoint the chain hands on
 (`chain.checkpoint`: best.pt or last.pt) on the validation set once, and reads its
-`result.json` and `metrics.jsonl`:
+`result.json` and `metrics.jsonl` (through `kdlab.engine.run_folder.RunFolder`):
 
 - top-1 / top-5 at the last epoch and at the best epoch (papers report either);
 - the teacher's mean target probability on the training batches it taught (from the
@@ -20,21 +20,24 @@ from __future__ import annotations
 import io
 import json
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from kdlab.analysis.secondary import resolve_groups, secondary_metrics
-from kdlab.engine.generations import Chain, finished_generations, read_result
+from kdlab.data import build_datasets
+from kdlab.engine.build import eval_loader
+from kdlab.engine.checkpoint import build_model_from_checkpoint
+from kdlab.engine.device import resolve_device
+from kdlab.engine.evaluate import autocast_context
 from kdlab.errors import KDLabError
+from kdlab.generations.config import Chain
+from kdlab.text_table import print_table
 
 
 @torch.no_grad()
 def collect_logits(model: torch.nn.Module, loader, device: torch.device, amp: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (N, C) float32 on CPU, targets (N,)) of `model` over `loader`."""
-    from kdlab.engine.evaluate import autocast_context
-
     model.eval()
     outs, targets = [], []
     for batch in loader:
@@ -57,36 +60,24 @@ def mean_target_prob(probs: torch.Tensor, targets: torch.Tensor) -> float:
     return probs.gather(1, targets[:, None]).double().mean().item()
 
 
-def _last_stat(run_dir: Path, key: str) -> float | None:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    value = rows[-1].get(key) if rows else None
-    return float(value) if isinstance(value, (int, float)) else None
-
-
 def describe_generation(chain: Chain, m: int) -> str:
     s = chain.settings
     if m > 0:
         return f"student, lam {s.lam_of(m):g}, tau {s.tau:g}"
-    if s.patriarch == "tsd":
-        return f"patriarch, TSD eta {s.eta:g} k {s.k}" + ("" if s.scores == "logits" else " (probs)")
-    if s.patriarch == "label_smoothing":
-        return f"patriarch, label smoothing {s.smoothing:g}"
-    if s.patriarch == "confidence_penalty":
-        return f"patriarch, confidence penalty {s.penalty:g}"
+    p = s.patriarch
+    if p.kind == "tsd":
+        return f"patriarch, TSD eta {p.eta:g} k {p.k}" + ("" if p.scores == "logits" else " (probs)") + (
+            "" if p.primary == "target" else " (primary top-1)")
+    if p.kind == "label_smoothing":
+        return f"patriarch, label smoothing {p.smoothing:g}"
+    if p.kind == "confidence_penalty":
+        return f"patriarch, confidence penalty {p.penalty:g}"
     return "patriarch, strict (CE)"
 
 
 def build_report(chain: Chain) -> dict[str, Any]:
     """Evaluate every finished generation and their ensembles; return the report as data."""
-    from kdlab.data import build_datasets
-    from kdlab.engine.build import eval_loader
-    from kdlab.engine.checkpoint import build_model_from_checkpoint
-    from kdlab.engine.trainer import resolve_device
-
-    gens = finished_generations(chain)
+    gens = chain.finished_generations()
     if not gens:
         raise KDLabError(
             f"no finished generation under {chain.root} (generation 0 needs result.json and "
@@ -101,21 +92,21 @@ def build_report(chain: Chain) -> dict[str, Any]:
         groups, group_source = resolve_groups(chain.settings.groups, bundle.class_names), "chain.groups"
     elif bundle.coarse_of is not None:
         groups, group_source = list(bundle.coarse_of), "CIFAR-100 coarse classes (20 superclasses)"
-    k = min(chain.settings.k, bundle.num_classes)
+    k = min(chain.settings.patriarch.k, bundle.num_classes)
 
     rows: list[dict[str, Any]] = []
     ensembles: list[dict[str, Any]] = []
     prob_sum: torch.Tensor | None = None
     targets: torch.Tensor | None = None
     for m in gens:
-        run_dir = chain.run_dir(m)
+        folder = chain.folder(m)
         model, _ = build_model_from_checkpoint(chain.checkpoint(m), chain.configs[m].model.name, bundle.num_classes)
         model.to(device)
         logits, targets = collect_logits(model, loader, device, chain.configs[m].train.amp)
         del model
         # float64 softmax: confident models keep their tiny non-target mass (float32 rounds it to 0).
         probs = logits.double().softmax(1)
-        result = read_result(run_dir)
+        result = folder.read_result()
         row: dict[str, Any] = {
             "gen": m,
             "loss": describe_generation(chain, m),
@@ -129,7 +120,7 @@ def build_report(chain: Chain) -> dict[str, Any]:
             "checkpoint": chain.settings.checkpoint,
             "checkpoint_top1": topk_accuracy(probs, targets, 1),
             "checkpoint_top5": topk_accuracy(probs, targets, 5),
-            "teacher_conf_train": _last_stat(run_dir, "stat/teacher_conf") if m > 0 else None,
+            "teacher_conf_train": folder.last_metric("stat/teacher_conf") if m > 0 else None,
             "own_conf_val": mean_target_prob(probs, targets),
         }
         if groups is not None:
@@ -194,12 +185,10 @@ def ensemble_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    from kdlab.commands._common import print_table
-
     out = io.StringIO()
     s = report["settings"]
     print(f"# {report['chain']}: {report['label']}\n", file=out)
-    print(f"Patriarch `{s['patriarch']}`, eta {s['eta']:g}, lam {s['lam']}, tau {s['tau']:g}, "
+    print(f"Patriarch `{s['patriarch']['kind']}`, eta {s['patriarch']['eta']:g}, lam {s['lam']}, tau {s['tau']:g}, "
           f"{report['finished']} of {report['planned']} generations finished; teacher of generation m+1 = "
           f"`{s['checkpoint']}.pt` of generation m. Accuracies in % on {report['val_samples']} validation "
           f"images; p_t = mean probability of the true class.\n", file=out)
