@@ -22,3 +22,7 @@ __all__ += ["confidence_penalty_loss", "label_smoothing_loss", "prediction_entro
 from kdlab.losses.hcl import HCL_POOL_SIZES, hcl_level, hcl_level_losses, hcl_loss  # noqa: E402
 
 __all__ += ["HCL_POOL_SIZES", "hcl_level", "hcl_level_losses", "hcl_loss"]
+
+from kdlab.losses.fitnet import hint_loss  # noqa: E402
+
+__all__ += ["hint_loss"]
