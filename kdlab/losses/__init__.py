@@ -26,3 +26,17 @@ __all__ += ["HCL_POOL_SIZES", "hcl_level", "hcl_level_losses", "hcl_loss"]
 from kdlab.losses.fitnet import hint_loss  # noqa: E402
 
 __all__ += ["hint_loss"]
+
+from kdlab.losses.crd import (  # noqa: E402
+    NCE_EPS,
+    contrast_indices,
+    contrast_logits,
+    crd_nce_loss,
+    init_memory,
+    momentum_update,
+    nce_log_normalizer,
+    negative_pool,
+)
+
+__all__ += ["NCE_EPS", "contrast_indices", "contrast_logits", "crd_nce_loss", "init_memory",
+            "momentum_update", "nce_log_normalizer", "negative_pool"]
