@@ -1,0 +1,255 @@
+"""COCO-format detection and instance-segmentation data: an images folder plus an instances
+JSON, read through torchvision's `CocoDetection` and `wrap_dataset_for_transforms_v2`, with
+transforms v2 carrying the boxes and masks.
+
+`CocoSplit` is one split. Training splits follow Detectron2's COCO loader: crowd annotations
+are dropped from the targets and images left without any annotation are skipped. A
+validation split keeps every image (pycocotools' COCOeval scores them all, against the
+annotation file itself) and returns only the image id as target.
+
+Labels: `contiguous` (default) numbers the categories 1..C in the order of their ids (0 is
+the background of torchvision's detectors); `category_id` uses the COCO category ids
+themselves (C = the largest id), which torchvision's COCO-trained detectors expect (91
+outputs for COCO).
+
+Everything is checked before training starts: an unreadable or malformed annotation file
+and images missing from disk are one `DataError` each, naming the file and the fix.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from kdlab.config.schema import DataConfig
+from kdlab.data.datasets import DataBundle, register_dataset
+from kdlab.errors import DataError
+
+Labels = Literal["contiguous", "category_id"]
+
+#: Keys every COCO element must have for detection (segmentation only when masks are read).
+_IMAGE_KEYS = ("id", "file_name", "height", "width")
+_ANN_KEYS = ("id", "image_id", "category_id", "bbox")
+_CATEGORY_KEYS = ("id", "name")
+
+
+def read_annotations(path: str | Path, *, masks: bool, what: str) -> dict[str, Any]:
+    """The parsed instances JSON at `path`, checked for what detection needs, or a DataError.
+
+    `what` names the setting the path came from, for the message."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"annotation file {str(path)!r} does not exist; set {what} to a COCO instances JSON "
+                        "(e.g. annotations/instances_train2017.json under data.root)")
+    try:
+        data = json.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise DataError(f"annotation file {str(path)!r} is not a text (JSON) file; set {what} to a COCO "
+                        "instances JSON") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"annotation file {str(path)!r} is not valid JSON ({exc.msg} at line {exc.lineno}, "
+                        f"column {exc.colno}); fix or replace the file (a COCO instances JSON)") from None
+    _check_structure(data, path, masks)
+    return data
+
+
+def _bad(path: Path, problem: str) -> DataError:
+    return DataError(f"annotation file {str(path)!r} is not a COCO instances file: {problem}. A COCO file is an "
+                     "object with lists 'images' (id, file_name, height, width), 'annotations' (id, image_id, "
+                     "category_id, bbox [x, y, w, h], segmentation, iscrowd) and 'categories' (id, name)")
+
+
+def _check_structure(data: Any, path: Path, masks: bool) -> None:
+    if not isinstance(data, dict):
+        raise _bad(path, f"the top level is a {type(data).__name__}, not an object")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise _bad(path, f"it has no '{key}' list")
+    if not data["categories"]:
+        raise _bad(path, "'categories' is empty")
+    for kind, items, keys in (("image", data["images"], _IMAGE_KEYS), ("category", data["categories"], _CATEGORY_KEYS),
+                              ("annotation", data["annotations"], _ANN_KEYS + (("segmentation",) if masks else ()))):
+        for i, item in enumerate(items):
+            missing = [k for k in keys if not isinstance(item, dict) or k not in item]
+            if missing:
+                raise _bad(path, f"{kind} #{i} lacks {', '.join(repr(k) for k in missing)}"
+                                 + (" (Mask R-CNN needs masks)" if missing == ["segmentation"] else ""))
+    image_ids = {img["id"] for img in data["images"]}
+    category_ids = {c["id"] for c in data["categories"]}
+    if not all(isinstance(c, int) and c > 0 for c in category_ids):
+        raise _bad(path, "category ids must be positive integers")
+    for ann in data["annotations"]:
+        if ann["image_id"] not in image_ids:
+            raise _bad(path, f"annotation {ann['id']} refers to image {ann['image_id']!r}, which is not in 'images'")
+        if ann["category_id"] not in category_ids:
+            raise _bad(path, f"annotation {ann['id']} has category {ann['category_id']!r}, which is not in 'categories'")
+        box = ann["bbox"]
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
+            raise _bad(path, f"annotation {ann['id']} has bbox {box!r}, not [x, y, width, height]")
+
+
+def check_images_exist(images: Sequence[dict[str, Any]], folder: Path, annotation_file: Path, what: str) -> None:
+    """A DataError naming the images of the annotation file that are not in `folder`."""
+    if not folder.is_dir():
+        raise DataError(f"image folder {str(folder)!r} does not exist; set {what} to the folder holding the images "
+                        f"of {str(annotation_file)!r}")
+    listed = set(os.listdir(folder))
+    missing = [img["file_name"] for img in images
+               if img["file_name"] not in listed and not (folder / img["file_name"]).is_file()]
+    if missing:
+        shown = ", ".join(repr(m) for m in missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise DataError(f"{len(missing)} of the {len(images)} images listed in {str(annotation_file)!r} are missing "
+                        f"from {str(folder)!r} ({shown}); put them there, or point {what} at the folder that holds "
+                        "them")
+
+
+def label_maps(categories: Sequence[dict[str, Any]], labels: Labels) -> tuple[dict[int, int], list[int], list[str]]:
+    """(category id -> label, label -> category id (index 0 unused), class names of labels 1..C)."""
+    cats = sorted(categories, key=lambda c: c["id"])
+    if labels == "category_id":
+        top = cats[-1]["id"]
+        names = {c["id"]: str(c["name"]) for c in cats}
+        return ({c["id"]: c["id"] for c in cats}, list(range(top + 1)),
+                [names.get(i, f"(unused id {i})") for i in range(1, top + 1)])
+    return ({c["id"]: i + 1 for i, c in enumerate(cats)}, [0] + [c["id"] for c in cats], [str(c["name"]) for c in cats])
+
+
+def _indexed_coco_detection(images: Path, coco: Any) -> Any:
+    """torchvision's CocoDetection over an already-built pycocotools index (CocoDetection
+    itself would parse the annotation file a second time)."""
+    from torchvision.datasets import CocoDetection  # lazy: detection-only
+    from torchvision.datasets.vision import VisionDataset  # lazy: detection-only
+
+    dataset = CocoDetection.__new__(CocoDetection)
+    VisionDataset.__init__(dataset, str(images))
+    dataset.coco = coco
+    dataset.ids = sorted(coco.imgs)
+    return dataset
+
+
+class CocoSplit(Dataset):
+    """One COCO-format split; items are `(image, target)` after `transforms`.
+
+    Training target: `boxes` (K, 4) xyxy, `labels` (K,), `masks` (K, H, W) when `masks`, and
+    `image_id`. Validation target: `image_id` only.
+
+    Attributes: `coco` (pycocotools' index of the annotation file), `ids` (the image ids
+    served, in order), `aspect_ratios` (width / height of each served image),
+    `label_to_category`, `class_names`, `num_classes`.
+    """
+
+    def __init__(self, images: str | Path, annotations: str | Path, *, train: bool, masks: bool = False,
+                 transforms: Any = None, labels: Labels = "contiguous",
+                 what: tuple[str, str] = ("the image folder", "the annotation file")) -> None:
+        from pycocotools.coco import COCO  # lazy: detection-only
+        from torchvision.datasets import wrap_dataset_for_transforms_v2  # lazy: detection-only
+
+        images, annotations = Path(images), Path(annotations)
+        data = read_annotations(annotations, masks=masks and train, what=what[1])
+        check_images_exist(data["images"], images, annotations, what[0])
+        coco = COCO()
+        coco.dataset = data
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+            coco.createIndex()
+
+        base = _indexed_coco_detection(images, coco)
+        if train:  # Detectron2's filter_empty_annotations: only images with a non-crowd object
+            base.ids = [i for i in base.ids if any(not a.get("iscrowd", 0) for a in coco.imgToAnns.get(i, ()))]
+        keys = {"image_id"}
+        if train:
+            keys |= {"boxes", "labels", "iscrowd"} | ({"masks"} if masks else set())
+        self.base = base
+        self.wrapped = wrap_dataset_for_transforms_v2(base, target_keys=keys)
+        self.coco = coco
+        self.train = train
+        self.masks = masks
+        self.transforms = transforms
+        self.category_to_label, self.label_to_category, self.class_names = label_maps(data["categories"], labels)
+        self.num_classes = len(self.class_names)
+
+    @property
+    def ids(self) -> list[int]:
+        return self.base.ids
+
+    @property
+    def aspect_ratios(self) -> list[float]:
+        """Width / height of each served image, from the annotation file (no image is read)."""
+        return [self.coco.imgs[i]["width"] / self.coco.imgs[i]["height"] for i in self.base.ids]
+
+    def keep_only(self, image_ids: Sequence[int]) -> None:
+        """Serve only these images (a training subset), in the split's order."""
+        keep = set(image_ids)
+        self.base.ids = [i for i in self.base.ids if i in keep]
+
+    def __len__(self) -> int:
+        return len(self.base.ids)
+
+    def __getitem__(self, index: int) -> tuple[Any, dict[str, Any]]:
+        image, target = self.wrapped[index]
+        if self.train:
+            target = self._train_target(target)
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+    def _train_target(self, target: dict[str, Any]) -> dict[str, Any]:
+        from torchvision import tv_tensors  # lazy: detection-only
+
+        # Training images all have annotations (see __init__), so the wrapper filled every key.
+        keep = torch.tensor([not c for c in target["iscrowd"]], dtype=torch.bool)
+        labels = torch.tensor([self.category_to_label[int(c)] for c in target["labels"]], dtype=torch.int64)
+        out = {"image_id": target["image_id"], "boxes": tv_tensors.wrap(target["boxes"][keep], like=target["boxes"]),
+               "labels": labels[keep]}
+        if self.masks:
+            out["masks"] = tv_tensors.wrap(target["masks"][keep], like=target["masks"])
+        return out
+
+
+def detection_transforms(train: bool, *, sizes: Sequence[int] = (640, 672, 704, 736, 768, 800),
+                         max_size: int = 1333, hflip: float = 0.5) -> Any:
+    """Transforms v2 for `CocoSplit`: training resizes the shorter side to one of `sizes`
+    (chosen per image, longer side capped at `max_size`: Detectron2's ResizeShortestEdge
+    "choice"), flips horizontally with probability `hflip` and drops boxes left degenerate;
+    both convert to float images in [0, 1]. Evaluation does not resize: the detector
+    resizes its inputs to the test size itself."""
+    from torchvision.transforms import v2  # lazy: detection-only
+
+    steps: list[Any] = [v2.ToImage()]
+    if train:
+        steps.append(v2.RandomShortestSize(min_size=list(sizes), max_size=max_size, antialias=True))
+        if hflip > 0:
+            steps.append(v2.RandomHorizontalFlip(hflip))
+        steps.append(v2.SanitizeBoundingBoxes())
+    steps.append(v2.ToDtype(torch.float32, scale=True))
+    return v2.Compose(steps)
+
+
+def collate_detection(batch: Sequence[tuple[Any, ...]]) -> tuple[tuple[Any, ...], ...]:
+    """Lists, not stacks: detection images differ in size (the detector pads them itself)."""
+    return tuple(zip(*batch))
+
+
+#: `data.name` values of detection datasets (built by the detection task, not `build_datasets`).
+DETECTION_DATASETS = ("coco", "shapes")
+
+
+def _not_for_classification(cfg: DataConfig) -> DataBundle:
+    raise DataError(f"data.name={cfg.name!r} is a detection dataset (COCO format); set task: detection, "
+                    "or pick a classification dataset")
+
+
+for _name in DETECTION_DATASETS:  # registered so that config validation knows the names
+    register_dataset(_name)(_not_for_classification)
+
+
+__all__ = [
+    "DETECTION_DATASETS",
+    "CocoSplit", "Labels", "check_images_exist", "collate_detection", "detection_transforms", "label_maps",
+    "read_annotations",
+]
