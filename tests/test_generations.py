@@ -90,7 +90,7 @@ def test_defaults_best_checkpoint_and_per_generation_lambda(tmp_path, make_confi
     ({"notation": "D(0.6, 0.6)", "patriarch": {"eta": 0.7}}, "says eta=0.6 but chain.patriarch.eta=0.7"),
     ({"notation": "D(0.6, 0.6)", "lam": 0.5}, "says lam=0.6"),
     ({"notation": "D(0.6)"}, "must look like 'D\\(eta, lambda\\)'"),
-    ({"notation": None, "patriarch": {"eta": 0.5}}, "chain.patriarch.eta: eta=0.5 is outside"),
+    ({"notation": None, "patriarch": {"eta": 0.5, "scores": "logits"}}, "chain.patriarch.eta: eta=0.5 is outside"),
     ({"notation": None, "patriarch": {"kind": "strict", "eta": 0.6}}, "only applies to kind 'tsd'"),
     ({"notation": None, "patriarch": {"kind": "label_smoothing", "eta": 0.8}}, "only applies to kind 'tsd'"),
     ({"patriarch": {"kk": 3}}, "unknown key 'chain.patriarch.kk'; did you mean 'chain.patriarch.k'"),
@@ -279,7 +279,7 @@ def test_cli_dry_run_report_and_errors(tmp_path, make_config, capsys):
     assert main(["generations", str(path), "chain.generations=1", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "D(0.6, 0.6)" in out and "patriarch, TSD eta 0.6 k 5" in out and "gen0/last.pt" in out
-    assert main(["generations", str(path), "chain.notation=D(0.4, 0.6)"]) == 2
+    assert main(["generations", str(path), "chain.notation=D(0.4, 0.6)", "chain.patriarch.scores=logits"]) == 2
     assert "eta=0.4 is outside (0.5, 1]" in capsys.readouterr().err
     assert main(["generations", str(path), "--report"]) == 2
     assert "no finished generation" in capsys.readouterr().err

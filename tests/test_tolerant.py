@@ -163,7 +163,7 @@ def test_k_below_two_or_above_classes_is_refused(k):
 
 def test_config_errors_name_the_key(make_config):
     with pytest.raises(ConfigError, match=r"method\.eta: .*0\.5 < eta <= 1"):
-        load_config(data=make_config(method={"name": "tolerant", "eta": 0.5}))
+        load_config(data=make_config(method={"name": "tolerant", "eta": 0.5, "scores": "logits"}))
     with pytest.raises(ConfigError, match=r"method\.k"):
         load_config(data=make_config(method={"name": "tolerant", "k": 1}))
     with pytest.raises(ConfigError, match=r"method\.lam"):
@@ -250,7 +250,7 @@ def _cfg(name, **kw):
 
 @pytest.mark.parametrize("kind,fn,terms", [
     ("strict", lambda z, y: F.cross_entropy(z, y), {"ce"}),
-    ("tsd", lambda z, y: tolerant_teacher_loss(z, y, 0.7, 3), {"ce", "tsd"}),
+    ("tsd", lambda z, y: tolerant_teacher_loss(z, y, 0.7, 3, scores="probabilities"), {"ce", "tsd"}),
     ("label_smoothing", lambda z, y: label_smoothing_loss(z, y, 0.2), {"ce"}),
     ("confidence_penalty", lambda z, y: confidence_penalty_loss(z, y, 0.3), {"ce", "entropy"}),
 ])

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from matplotlib.ticker import MaxNLocator
+
 from kdlab.analysis.curves import _series
 from kdlab.analysis.plotting import new_figure, save_figure
 
@@ -44,8 +46,6 @@ def plot_overview(panels: Sequence[Panel], bars: Sequence[tuple[str, float, str]
 
     The accuracy axes start 10 points below the lowest bar (rounded to 5), so that the
     differences between the final accuracies stay visible instead of the first epochs' climb."""
-    from matplotlib.ticker import MaxNLocator
-
     values = [v for _, v, _ in bars if math.isfinite(v)]
     low = max(0.0, _floor_to(min(values) - 10.0, 5.0)) if values else 0.0
     fig, axes = new_figure(1, len(panels) + 1, width=4.8, height=4.4)

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from kdlab.errors import KDLabError
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -25,3 +28,22 @@ def add_run_folder_args(p: argparse.ArgumentParser, resume_help: str, *, resume_
     else:
         g.add_argument("--resume", action="store_true", help=resume_help)
     g.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+
+
+#: Written into a demo's --output-dir: marks the runs there as the demo's own, so that a later
+#: demo (classification or detection) may replace them.
+DEMO_MARKER = "kdlab-demo.json"
+
+
+def earlier_demo(output_dir: Path, run_names: list[str]) -> bool:
+    """True when `output_dir` holds an earlier demo (its marker file), whose runs this one replaces
+    (`overwrite`). Run folders of the demo's names without the marker are someone else's: refused."""
+    if (output_dir / DEMO_MARKER).is_file():
+        return True
+    taken = [output_dir / name for name in run_names if (output_dir / name).exists()]
+    if taken:
+        raise KDLabError(
+            f"{taken[0]} exists but was not written by 'kdlab demo' (there is no {output_dir / DEMO_MARKER}); "
+            "pass another --output-dir, or move that folder away"
+        )
+    return False

@@ -5,7 +5,11 @@ import argparse
 import json
 import time
 from dataclasses import dataclass
+import sys
 from pathlib import Path
+
+from kdlab.commands._common import DEMO_MARKER, earlier_demo
+from kdlab.errors import KDLabError
 
 HELP = "teacher, student alone, KD, DKD, ReviewKD and two chains of generations on the bundled digits"
 DESCRIPTION = """\
@@ -67,7 +71,7 @@ STRICT_CHAIN = {
     "experiment": {"name": "digits_chain_strict_resnet8"},
     "chain": {"notation": "D(1.0, 0.6)", "generations": 2},
 }
-MARKER = "kdlab-demo.json"  # written into --output-dir: marks the runs there as the demo's own
+MARKER = DEMO_MARKER  # the name tests and the detection demo know it by
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,7 @@ class DemoStep:
 def demo_steps(output_dir: str, scale: float = 1.0, device: str = "auto", progress: bool = True) -> list[DemoStep]:
     """Every experiment of the demo in order (the teacher first), with output folder, device,
     progress bars and `scale` x the epochs applied."""
-    from kdlab.config import deep_merge
+    from kdlab.config import deep_merge  # lazy: keeps `kdlab --help` fast (pydantic, torch)
 
     teacher = deep_merge(TEACHER, {})
     student = deep_merge(teacher, STUDENT_ALONE)
@@ -143,24 +147,8 @@ class Row:
     generation: int = 0
 
 
-def earlier_demo(output_dir: Path, steps: list[DemoStep]) -> bool:
-    """True when `output_dir` holds an earlier demo (its marker file), whose runs this one replaces
-    (`overwrite`). Run folders of the demo's names without the marker are someone else's: refused."""
-    from kdlab.errors import KDLabError
-
-    if (output_dir / MARKER).is_file():
-        return True
-    taken = [output_dir / s.name for s in steps if (output_dir / s.name).exists()]
-    if taken:
-        raise KDLabError(
-            f"{taken[0]} exists but was not written by 'kdlab demo' (there is no {output_dir / MARKER}); "
-            "pass another --output-dir, or move that folder away"
-        )
-    return False
-
-
 def _read_run(run_dir: Path) -> tuple[dict, list]:
-    from kdlab.analysis.curves import read_metrics
+    from kdlab.analysis.curves import read_metrics  # lazy: keeps `kdlab --help` fast (matplotlib)
 
     result = json.loads((run_dir / "result.json").read_text())
     return result, read_metrics(run_dir)
@@ -171,14 +159,13 @@ def _epoch_seconds(history: list) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
     if getattr(args, "task", "classification") == "detection":
+        # lazy: keeps `kdlab --help` fast (the detection demo imports torchvision's detectors)
         from kdlab.commands._demo_detection import run as run_detection
 
         return run_detection(args)
 
-    # Imported here, not at the top: `kdlab --help` should not load torch.
+    # lazy: keeps `kdlab --help` fast (torch, pydantic, matplotlib load only when the demo runs)
     from kdlab.config import load_config
     from kdlab.engine.trainer import Trainer
     from kdlab.generations.config import load_chain
@@ -188,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     output_dir = Path(args.output_dir)
     steps = demo_steps(str(output_dir), args.scale, args.device, sys.stderr.isatty())
-    overwrite = earlier_demo(output_dir, steps)
+    overwrite = earlier_demo(output_dir, [s.name for s in steps])
     if overwrite:
         print(f"replacing the earlier demo's runs in {output_dir}/ (overwrite)", file=sys.stderr, flush=True)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -231,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
 
 def draw_figure(rows: list[Row], path: Path) -> Path:
     """Curves of the single-teacher methods, curves of the two chains, bars of the last top-1."""
-    from kdlab.analysis.overview import Curve, Panel, plot_overview
+    from kdlab.analysis.overview import Curve, Panel, plot_overview  # lazy: keeps `kdlab --help` fast
 
     shades = {"tolerant": ["#fdae6b", "#e6550d", "#a63603"], "strict": ["#9ecae1", "#3182bd", "#08519c"]}
     methods = iter(["C2", "C4", "C3"])

@@ -42,7 +42,9 @@ class TolerantConfig(MethodConfig):
     name: Literal["tolerant"] = "tolerant"
     kind: PatriarchKind = Field(default="tsd", description="strict | tsd | label_smoothing | confidence_penalty")
     # `scores` precedes `eta` so that eta's validator can see it.
-    scores: Literal["logits", "probabilities"] = Field(default="logits", description="tsd: scores compared")
+    # Default probabilities: on real data the logit form gives a far weaker, near-flat patriarch
+    # (docs/tolerant.md, "Which TSD form").
+    scores: Literal["logits", "probabilities"] = Field(default="probabilities", description="tsd: scores compared")
     eta: float = Field(default=0.6, gt=0.0, le=1.0, description="tsd: weight of CE; 1 - eta weighs TSD")
     k: int = Field(default=5, ge=2, description="tsd: primary + (k - 1) secondary classes")
     primary: Literal["target", "top1"] = Field(default="target", description="tsd: the primary class")

@@ -42,7 +42,7 @@ from kdlab.registry import closest
 
 def _import_timm(label: str):
     try:
-        import timm  # optional, and slow to import: only when a timm: model is built
+        import timm  # lazy: optional, and slow to import: only when a timm: model is built
     except ImportError:
         raise ConfigError(
             f"model {label!r} needs the optional package timm, which is not installed; "

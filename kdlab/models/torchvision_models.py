@@ -104,9 +104,9 @@ def discover_stage_nodes(net: nn.Module, side: int = _DISCOVERY_SIDE) -> StageNo
     """
     # torchvision is imported when a tv: model is built, not with kdlab.models: keeps
     # `kdlab --help` fast.
-    from torch.fx import GraphModule
-    from torch.fx.passes.shape_prop import ShapeProp
-    from torchvision.models.feature_extraction import NodePathTracer, _set_default_tracer_kwargs
+    from torch.fx import GraphModule  # lazy: FX tracing only for tv: models
+    from torch.fx.passes.shape_prop import ShapeProp  # lazy: FX tracing only for tv: models
+    from torchvision.models.feature_extraction import NodePathTracer, _set_default_tracer_kwargs  # lazy: FX tracing only for tv: models
 
     was_training = net.training
     net.eval()
