@@ -118,3 +118,36 @@ def test_lr_schedules():
     assert [lr_factor(e, 100, warm, 0.1) for e in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
     cos = ScheduleConfig(name="cosine", min_lr=0.0)
     assert lr_factor(0, 10, cos, 0.1) == 1.0 and lr_factor(5, 10, cos, 0.1) == pytest.approx(0.5)
+
+
+def test_ctrl_c_during_evaluation_keeps_the_epoch_and_resumes_exactly(make_config, tmp_path, monkeypatch):
+    """Ctrl-C while evaluating saves the epoch's training (not only the previous epoch), and
+    --resume goes straight to that evaluation: the result equals an uninterrupted run's."""
+    from kdlab.engine.tasks.classification import ClassificationTask
+
+    def raw(name):
+        return make_config(name=name, data={"batch_size": 64}, schedule={"name": "cosine"},
+                           train={"epochs": 2, "deterministic": True})
+
+    ref = _fit(raw("ref"))
+    original = ClassificationTask.evaluate
+    calls = {"n": 0}
+
+    def interrupted(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second epoch's evaluation
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ClassificationTask, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(raw("cut"))
+    monkeypatch.setattr(ClassificationTask, "evaluate", original)
+    saved = Checkpoint.load(tmp_path / "runs" / "cut" / "last.pt")
+    assert saved.epoch == 1 and saved.partial["evaluating"] and saved.partial["batches"] == 4  # 256 / 64
+    resumed = _fit(raw("cut"), resume=True)
+    assert [r["val/top1"] for r in resumed.history] == [r["val/top1"] for r in ref.history]
+    assert resumed.history[-1]["train/loss"] == ref.history[-1]["train/loss"]
+    final = Checkpoint.load(tmp_path / "runs" / "cut" / "last.pt").model_state
+    for k, v in Checkpoint.load(tmp_path / "runs" / "ref" / "last.pt").model_state.items():
+        assert torch.equal(v, final[k]), k
