@@ -89,7 +89,7 @@ def cifar100_dir(tmp_path_factory) -> Path:
 
 
 def test_list_datasets():
-    assert list_datasets() == ["cifar10", "cifar100", "digits", "imagefolder"]
+    assert list_datasets() == ["cifar10", "cifar100", "coco", "digits", "imagefolder", "shapes"]
 
 
 def test_unknown_dataset_suggests_closest():
