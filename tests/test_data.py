@@ -453,3 +453,22 @@ def test_cifar_archive_with_unsafe_member_is_refused(tmp_path):
     with pytest.raises(DataError, match="cannot extract"):
         build_datasets(cfg(name="cifar10", root=str(data)))
     assert not (tmp_path / "escaped").exists()
+
+
+def test_auto_loader_workers_are_none_on_the_cpu_and_a_share_of_the_cores_on_a_gpu(monkeypatch):
+    from kdlab.data.loading import MAX_AUTO_WORKERS, resolve_workers
+    from kdlab.engine.build import train_loader
+
+    assert DataConfig().num_workers == "auto"
+    assert resolve_workers(3, "cpu") == 3  # an explicit count is kept
+    assert resolve_workers("auto", "cpu") == 0
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert resolve_workers("auto", "cuda") == MAX_AUTO_WORKERS
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: 4 processes share the 16 cores
+    assert resolve_workers("auto", "cuda") == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert resolve_workers("auto", "cuda") == 1
+    # The loaders the engine builds use it.
+    loader = train_loader(list(range(8)), DataConfig(batch_size=4), seed=0, device_type="cpu")
+    assert loader.num_workers == 0 and not loader.persistent_workers

@@ -78,18 +78,13 @@ def test_torchrun_two_cpu_processes_train_and_gather_coco_ap(tmp_path, shapes_ro
     t = build_detector("fasterrcnn_mobilenet_v2_fpn", 5, **kwargs)
     Checkpoint.for_model(t, "det:fasterrcnn_mobilenet_v2_fpn", 5, kwargs).save(tmp_path / "teacher.pt")
     cfg["teacher"]["checkpoint"] = str(tmp_path / "teacher.pt")
-    (tmp_path / "ddp.json").write_text(json.dumps(cfg))
-    script = tmp_path / "entry.py"
-    script.write_text(
-        "import json, sys\n"
-        "import kdlab.models.detection, kdlab.data.coco  # registers det: and the COCO datasets\n"
-        "from kdlab.config import validate_config\n"
-        "from kdlab.engine.trainer import Trainer\n"
-        f"Trainer(validate_config(json.load(open({str(tmp_path / 'ddp.json')!r})))).fit()\n"
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
+    # JSON is YAML: the real command line, which must know the det: prefix and the shapes dataset
+    # without any import made for it.
+    (tmp_path / "ddp.yaml").write_text(json.dumps(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                           "-m", "kdlab", "train", str(tmp_path / "ddp.yaml")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = tmp_path / "runs" / "ddp"
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])

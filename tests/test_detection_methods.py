@@ -206,6 +206,17 @@ def test_engine_trains_a_teacher_then_distils_and_reports_coco_ap(tmp_path, shap
     saved = json.loads((run / "result.json").read_text())
     assert saved["primary_metric"] == "bbox_ap" and "bbox_ap" in saved["last"] and "bbox_ap" in saved["best"]
     assert (run / "best.pt").is_file()
+    # `kdlab eval` of the student's last checkpoint scores it as the trainer did (COCO AP, no teacher).
+    import contextlib
+    import io
+
+    from kdlab.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["eval", str(run / "last.pt"), "--device", "cpu"]) == 0
+    scored = json.loads(out.getvalue())
+    assert scored["bbox_ap"] == pytest.approx(row["val/bbox_ap"]) and scored["model"] == "det:fasterrcnn_mobilenet_v2_fpn"
 
 
 COCO_CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/coco/**/*.yaml"))
@@ -247,7 +258,7 @@ def test_coco_configs_follow_the_authors_recipes():
 
 
 def test_shapes_configs_and_the_detection_demo_share_their_detector_settings(tmp_path):
-    from kdlab.commands._demo_detection import DETECTOR_KWARGS, demo_configs
+    from kdlab.commands._demo_detection import DETECTOR_KWARGS, STEPS, demo_configs
 
     shapes = Path(__file__).resolve().parents[1] / "configs" / "shapes"
     detector = yaml.safe_load((shapes / "_base" / "detector.yaml").read_text())["model"]["kwargs"]
@@ -257,7 +268,8 @@ def test_shapes_configs_and_the_detection_demo_share_their_detector_settings(tmp
         assert cfg.task == "detection" and cfg.data.name == "shapes" and cfg.model.kwargs == detector
     raws = demo_configs(str(tmp_path), scale=0.5, device="cpu", progress=False)
     cfgs = [validate_config(r) for r in raws]
-    assert [c.train.iterations for c in cfgs] == [225, 75, 75, 75]
+    assert [c.train.iterations for c in cfgs] == [round(step[-1] * 0.5) for step in STEPS]
+    assert cfgs[0].train.iterations > cfgs[1].train.iterations  # the teacher trains longest
     assert all(c.teacher.checkpoint == str(tmp_path / cfgs[0].name / "best.pt") for c in cfgs[2:])
     student = load_config(shapes / "dkd.yaml")
     assert [c.optim.lr for c in cfgs] == [0.02] + [student.optim.lr] * 3 and student.optim.lr == 0.01

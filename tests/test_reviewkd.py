@@ -3,6 +3,7 @@ models, the published configs, ReviewKD + DKD, and training behaviour (ABFs trai
 frozen, batches of one sample)."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -19,7 +20,7 @@ from kdlab.config import load_config
 from kdlab.errors import ConfigError, TrainingError
 from kdlab.losses import dkd_terms, hcl_level, hcl_loss
 from kdlab.methods import method_class
-from kdlab.methods.reviewkd import ABF, STUDENT_STAGES, ReviewKD, resize_map
+from kdlab.methods.reviewkd import ABF, STUDENT_STAGES, ReviewKD, conv1x1_bn, resize_map
 from kdlab.models import FeatureClassifier, Features, create_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,7 +150,7 @@ def test_abf_fusion_equals_the_literal_concatenation(size, residual):
     abf = ABF(3, 5, 2, fuse=True).double()
     x = torch.randn(2, 5, size, size, dtype=torch.float64, requires_grad=True)
     y = torch.randn(2, 5, residual, residual, dtype=torch.float64, requires_grad=True)
-    y_up = resize_map(y, (size, size))
+    y_up = F.interpolate(y, size=(size, size), mode="nearest") if size >= residual else resize_map(y, (size, size))
     a = abf.att_conv(torch.cat([x, y_up], dim=1))
     literal = x * a[:, 0:1] + y_up * a[:, 1:2]
     fused = abf.fuse(x, y)
@@ -176,6 +177,57 @@ def test_resize_map_enlarges_by_nearest_and_shrinks_by_averaging():
     torch.testing.assert_close(resize_map(big, (2, 2)), x)
     torch.testing.assert_close(resize_map(one_map([[1, 3], [5, 7]]), (1, 1)), one_map([[4.0]]))
     assert resize_map(x, (2, 2)) is x
+
+
+@settings(max_examples=30, deadline=None)
+@given(h=st.integers(1, 6), w=st.integers(1, 6), sh=st.integers(1, 4), sw=st.integers(1, 4))
+def test_integer_enlargements_equal_nearest_interpolation(h, w, sh, sw):
+    x = torch.randn(2, 3, h, w, requires_grad=True)
+    size = (h * sh, w * sw)
+    ours, theirs = resize_map(x, size), F.interpolate(x, size=size, mode="nearest")
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    g = torch.randn_like(ours)
+    torch.testing.assert_close(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(theirs, x, g)[0])
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(2, 5), c=st.integers(1, 6), m=st.integers(1, 9), hw=st.sampled_from([1, 2, 5]),
+       shift=st.floats(-3, 3), momentum=st.sampled_from([0.1, 0.5, None]), seed=st.integers(0, 999))
+def test_conv1x1_bn_equals_the_convolution_then_the_batch_norm(n, c, m, hw, shift, momentum, seed):
+    """The folded training-mode form: values, every gradient, running statistics and their
+    counter as nn.Conv2d then nn.BatchNorm2d give them (float64, so to rounding)."""
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(c, m, 1, bias=False).double()
+    bn = nn.BatchNorm2d(m, momentum=momentum).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    conv2, bn2 = copy.deepcopy(conv), copy.deepcopy(bn)
+    x = (torch.randn(n, c, hw, hw, dtype=torch.float64) + shift).requires_grad_()
+    ours, theirs = conv1x1_bn(x, conv, bn), bn2(conv2(x))
+    torch.testing.assert_close(ours, theirs)
+    g = torch.randn_like(ours)
+    params = [x, conv.weight, bn.weight, bn.bias]
+    params2 = [x, conv2.weight, bn2.weight, bn2.bias]
+    for a, b in zip(torch.autograd.grad(ours, params, g), torch.autograd.grad(theirs, params2, g)):
+        torch.testing.assert_close(a, b)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(bn, name), getattr(bn2, name))
+
+
+def test_conv1x1_bn_leaves_evaluation_and_sync_batch_norm_to_the_modules():
+    conv, bn = nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4)
+    x = torch.randn(2, 3, 4, 4)
+    bn.eval()
+    torch.testing.assert_close(conv1x1_bn(x, conv, bn), bn(conv(x)))
+    assert int(bn.num_batches_tracked) == 0
+    calls = []
+    sync = nn.SyncBatchNorm(4)
+    sync.forward = lambda t: calls.append(t) or t  # this instance only: record that it ran itself
+    conv1x1_bn(x, conv, sync)
+    assert len(calls) == 1
 
 
 # ------------------------------------------------------------------ pairing every zoo pair

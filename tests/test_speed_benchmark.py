@@ -86,3 +86,22 @@ def test_device_table_lookup_equals_the_memory_mapped_lookup(tmp_path, device):
                             torch.device(device)).logits(indices.to(device), views.to(device), 1)
     assert on_device.device.type == device and torch.equal(mapped, on_device.cpu())
     assert torch.equal(mapped[1], torch.from_numpy(mm[7, 161].astype(np.float32)))
+
+
+def test_step_time_sets_up_every_registered_method(step_time, capsys):
+    """With no --methods every registered method is built and set up as the trainer would (CRD
+    sizes its memory bank from the training labels); one that cannot run in the bare loop is
+    listed as not timed, never a crash."""
+    from kdlab.methods import list_methods, method_class
+
+    threads = torch.get_num_threads()
+    try:
+        step_time.main(["--teacher", "resnet8", "--student", "resnet8", "--batch", "4", "--classes", "10",
+                        "--steps", "1", "--warmup", "0", "--rounds", "1", "--threads", "1",
+                        "--dataset-size", "64"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    for name in list_methods():
+        if name != "vanilla" and "classification" in method_class(name).tasks:  # vanilla: the student step
+            assert f"| {name} |" in out or f"| {name} (no teacher) |" in out or f"not timed: {name}" in out, name

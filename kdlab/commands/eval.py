@@ -6,7 +6,7 @@ import json
 
 from kdlab.errors import CheckpointError
 
-HELP = "evaluate a checkpoint on its validation set (top-1, top-5, loss)"
+HELP = "evaluate a checkpoint on its validation set (top-1, top-5, loss; COCO AP for detectors)"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,20 +21,26 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     # lazy: keeps `kdlab --help` fast (torch, pydantic and the rest load only when the command runs)
     from kdlab.config import load_config
-    from kdlab.data import build_datasets
-    from kdlab.engine.build import eval_loader
-    from kdlab.engine.checkpoint import build_model_from_checkpoint
+    from kdlab.engine.checkpoint import Checkpoint
     from kdlab.engine.device import resolve_device
-    from kdlab.engine.evaluate import evaluate
+    from kdlab.engine.distributed import DistInfo
+    from kdlab.engine.tasks import task_for
 
-    model, ckpt = build_model_from_checkpoint(args.checkpoint)
+    ckpt = Checkpoint.load(args.checkpoint)
     if not ckpt.config:
         raise CheckpointError(
             f"checkpoint {args.checkpoint!r} records no config, so kdlab eval cannot tell which dataset to "
             "evaluate it on; evaluate a checkpoint written by 'kdlab train' (best.pt, last.pt)")
     cfg = load_config(data=ckpt.config, overrides=args.overrides)
-    data = build_datasets(cfg.data)
+    # The evaluated network is the checkpoint's, built the way its task builds a student (a
+    # detector at the run's test size, say); no teacher is needed to evaluate it.
+    model_cfg = cfg.model.model_copy(update={"name": ckpt.model.name, "checkpoint": args.checkpoint, "weights": None})
+    cfg = cfg.model_copy(update={"model": model_cfg, "teacher": None})
+    task = task_for(cfg)
+    data = task.build_data(cfg)
     device = resolve_device(args.device)
-    metrics = evaluate(model.to(device), eval_loader(data.val, cfg.data, device.type), data.num_classes, device)
+    model, _ = task.build_networks(cfg, data)
+    loader = task.eval_loader(data, cfg, batch_size=None, device=device, dist=DistInfo())
+    metrics = task.evaluate(model.to(device), loader, data, cfg, device)
     print(json.dumps({"checkpoint": args.checkpoint, "model": cfg.model.name, "epoch": ckpt.epoch, **metrics}))
     return 0

@@ -63,6 +63,5 @@ def run(args: argparse.Namespace) -> int:
     finally:
         shutdown_distributed()  # torchrun: leave the process group cleanly
     if trainer.is_main:
-        print(f"{cfg.name}: last top1 {result.last_top1:.2f}  best top1 {result.best_top1:.2f} "
-              f"(epoch {result.best_epoch})  -> {result.run_dir}")
+        print(f"{cfg.name}: {result.summary()}  -> {result.run_dir}")
     return 0

@@ -125,7 +125,11 @@ class DataConfig(StrictModel):
     augment: str = Field(default="standard", description="standard | none | autoaugment")
     batch_size: PositiveInt = 64
     eval_batch_size: PositiveInt | None = None
-    num_workers: NonNegativeInt = 2
+    num_workers: NonNegativeInt | Literal["auto"] = Field(
+        default="auto",
+        description="DataLoader worker processes; auto: 0 when training on the CPU (the step's threads "
+        "use every core), else one per spare core, at most 8 (kdlab.data.loading)",
+    )
     pin_memory: bool = True
     persistent_workers: bool = True
     pipeline: Literal["standard", "gpu"] = Field(

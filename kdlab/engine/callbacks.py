@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -91,7 +92,10 @@ class MetricsLogger(Callback):
             self.writer.flush()
         primary = trainer.task.primary_metric
         terms = " ".join(f"{k[6:]}={v:.4f}" for k, v in row.items() if k.startswith("train/") and k != "train/top1")
-        shown = " ".join(f"{k[4:]} {v:.2f}" for k, v in row.items() if k.startswith("val/") and k != "val/loss")
+        # NaN: not evaluated this epoch (train.eval_every), or a metric that does not apply (mask AP
+        # of a box-only detector, AP of an object size the validation set lacks).
+        shown = " ".join(f"{k[4:]} {v:.2f}" for k, v in row.items()
+                         if k.startswith("val/") and k != "val/loss" and not math.isnan(v)) or "-"
         train_acc = f"  train top1 {row['train/top1']:.2f}" if "train/top1" in row else ""
         log.info("epoch %d/%d  lr %.4g  %s%s  val %s  (best %s %.2f @%d)  %.1fs", epoch, trainer.epochs,
                  row["lr"], terms, train_acc, shown, primary, trainer.best.get(primary, float("nan")),

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from kdlab.config.schema import OptimConfig
+from kdlab.engine.device import keep_freed_host_memory
 from kdlab.engine.evaluate import autocast_context
 from kdlab.engine.optim import build_optimizer
 from kdlab.methods.base import Batch, StepOutput
@@ -70,6 +71,8 @@ class TrainStep:
         # all-reduce, so each rank also checks the (reduced) gradients: all skip together.
         self.check_grads = check_grads
         self._unit_scale = torch.ones((), device=device)
+        if device.type == "cpu":
+            keep_freed_host_memory()
 
     @classmethod
     def for_distiller(cls, distiller: nn.Module, optim: OptimConfig, device: torch.device, amp: str = "none",

@@ -71,6 +71,13 @@ class RunResult:
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "history"}
 
+    def summary(self) -> str:
+        """One line in the task's own metric: "last top1 71.20  best top1 71.55 (epoch 238)",
+        or bbox_ap for detection."""
+        m = self.primary_metric
+        return (f"last {m} {self.last.get(m, math.nan):.2f}  best {m} {self.best.get(m, math.nan):.2f} "
+                f"(epoch {self.best_epoch})")
+
 
 class Trainer:
     """Train one experiment.

@@ -57,7 +57,7 @@ def run_seeds_cli(cfg: ExperimentConfig, n: int, resume: bool | str = False) -> 
                           "use --resume alone (each seed continues its own <name>_seed<k>/last.pt)")
     results = run_seeds(cfg, n, resume)
     for r in results:
-        print(f"{r.run_dir}: last top1 {r.last_top1:.2f}  best top1 {r.best_top1:.2f} (epoch {r.best_epoch})")
+        print(f"{r.run_dir}: {r.summary()}")
     print()
     print(seeds_summary([r.run_dir for r in results]), end="")
     return 0

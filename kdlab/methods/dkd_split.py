@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader
 
 from kdlab.config.schema import MethodConfig
 from kdlab.data import build_datasets
+from kdlab.data.loading import resolve_workers
 from kdlab.data.sampling import SeededDataset
 from kdlab.errors import TrainingError
 from kdlab.losses import cross_entropy, dkd_terms
@@ -134,7 +135,8 @@ class DKDSplit(Distiller):
         cfg: DKDSplitConfig = self.cfg  # type: ignore[assignment]
         scores = []
         batch_size = data_cfg.eval_batch_size or max(data_cfg.batch_size, 128)
-        for batch in DataLoader(dataset, batch_size=batch_size, num_workers=data_cfg.num_workers):
+        for batch in DataLoader(dataset, batch_size=batch_size,
+                                num_workers=resolve_workers(data_cfg.num_workers, device.type)):
             images, targets = batch[0].to(device), batch[1].to(device)
             scores.append(target_confidence(self.teacher_forward(images), targets, cfg.rank_temperature).cpu())
         return torch.cat(scores) if scores else torch.zeros(0)
