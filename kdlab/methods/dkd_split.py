@@ -154,6 +154,11 @@ class DKDSplit(Distiller):
                 "but no teacher network is loaded (teacher-output cache?); set teacher.cache=null or "
                 "use method.split=batch"
             )
+        if data_cfg is None:
+            raise TrainingError(
+                "method dkd_split with method.split=global ranks the training set, but setup was given no "
+                "data config (SetupContext.data_cfg) to read it with; pass one, or use method.split=batch"
+            )
         if cfg.rank_view == "plain":
             plain = build_datasets(data_cfg.model_copy(update={"augment": "none"}))
             if list(plain.train_targets) != [int(t) for t in getattr(train_set, "targets", plain.train_targets)]:
