@@ -277,3 +277,32 @@ def test_group_runs_mean_and_std(tmp_path):
     assert "76.00 ± 1.00" in text and "configs differ" in text and "73.30 " in text
     parsed = list(csv.DictReader(io.StringIO(format_csv([dkd]))))
     assert float(parsed[0]["last_top1_std"]) == pytest.approx(1.0)
+
+
+def _fake_detection_run(folder, name, seed, last_ap, best_ap):
+    d = folder / name
+    d.mkdir(parents=True)
+    (d / "result.json").write_text(json.dumps({
+        "epochs": 5, "last_top1": math.nan, "best_top1": math.nan, "last_top5": math.nan, "best_top5": math.nan,
+        "best_epoch": 5, "primary_metric": "bbox_ap",
+        "last": {"bbox_ap": last_ap, "bbox_ap50": last_ap + 20}, "best": {"bbox_ap": best_ap, "bbox_ap50": best_ap + 20}}))
+    cfg = {"name": name, "task": "detection", "model": {"name": "det:fasterrcnn_mobilenet_v2_fpn"},
+           "teacher": {"name": "det:fasterrcnn_resnet18_fpn"}, "method": {"name": "det_dkd"},
+           "data": {"name": "shapes"}, "train": {"seed": seed}}
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+
+def test_detection_runs_are_tabulated_by_box_ap(tmp_path):
+    """`kdlab results` of detection runs: box AP and AP50 columns (no empty top-1 ones); a folder
+    holding both kinds shows both sets of columns, each run filling its own."""
+    for seed, ap in ((0, 40.0), (1, 44.0)):
+        _fake_detection_run(tmp_path / "det", f"shapes_dkd_seed{seed}", seed, ap, ap + 1)
+    groups = group_runs(find_runs(tmp_path / "det"), root=tmp_path / "det")
+    assert groups[0].stats["last_bbox_ap"] == pytest.approx((42.0, math.sqrt(8.0)))
+    text = format_text(groups)
+    assert "last box AP" in text and "top-1" not in text and "42.00 ± 2.83" in text and "62.00 ± 2.83" in text
+    parsed = list(csv.DictReader(io.StringIO(format_csv(groups))))
+    assert float(parsed[0]["best_bbox_ap_mean"]) == pytest.approx(43.0) and "last_top1_mean" not in parsed[0]
+    _fake_run(tmp_path / "det", "kd", 0, 73.3, 73.5)
+    both = format_text(group_runs(find_runs(tmp_path / "det"), root=tmp_path / "det"))
+    assert "last top-1" in both and "last box AP" in both and "73.30" in both

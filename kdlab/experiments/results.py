@@ -3,7 +3,7 @@
 A run folder is any folder holding a complete `result.json` (written by the trainer at the
 end of a run) and `config.yaml` (read through `kdlab.engine.run_folder.RunFolder`). Runs named `<name>_seed<k>` (what `kdlab train --seeds N` writes)
 are grouped under `<name>`; every group reports n and, for last-epoch and best-epoch top-1
-and top-5, the mean and the *sample* standard deviation (n - 1 in the denominator; 0 for a
+and top-5 (box AP and AP50 for detection runs), the mean and the *sample* standard deviation (n - 1 in the denominator; 0 for a
 single run). Papers report either last or best accuracy, so both are shown. A group whose
 runs are not the same experiment up to their seed (`kdlab.config.compare`) is flagged.
 """
@@ -24,6 +24,12 @@ from kdlab.text_table import print_table
 
 SEED_SUFFIX = re.compile(r"^(?P<base>.+)_seed(?P<seed>-?\d+)$")
 METRICS = ("last_top1", "best_top1", "last_top5", "best_top5")
+#: The same for detection runs (`task: detection`; result.json's `last`/`best` COCO AP values).
+DETECTION_METRICS = ("last_bbox_ap", "best_bbox_ap", "last_bbox_ap50", "best_bbox_ap50")
+#: Column titles of the text table.
+METRIC_TITLES = {"last_top1": "last top-1", "best_top1": "best top-1", "last_top5": "last top-5",
+                 "best_top5": "best top-5", "last_bbox_ap": "last box AP", "best_bbox_ap": "best box AP",
+                 "last_bbox_ap50": "last AP50", "best_bbox_ap50": "best AP50"}
 
 
 def seed_run_name(name: str, seed: int) -> str:
@@ -88,7 +94,9 @@ def read_run(run_dir: str | Path) -> RunRecord:
         teacher=str(teacher.get("name", "-")) if teacher else "-",
         dataset=str((config.get("data") or {}).get("name", "?")),
         epochs=int(result.get("epochs", 0)),
-        metrics={k: float(result.get(k, math.nan)) for k in METRICS},
+        metrics={**{k: float(result.get(k, math.nan)) for k in METRICS},
+                 **{k: float((result.get(k.split("_", 1)[0]) or {}).get(k.split("_", 1)[1], math.nan))
+                    for k in DETECTION_METRICS}},
         best_epoch=int(result.get("best_epoch", 0)),
         config=config,
     )
@@ -143,7 +151,7 @@ def group_runs(records: Iterable[RunRecord], root: str | Path | None = None) -> 
     out = []
     for key, runs in groups.items():
         runs.sort(key=lambda r: (r.seed if r.seed is not None else -1, r.name))
-        stats = {m: mean_std([r.metrics[m] for r in runs]) for m in METRICS}
+        stats = {m: mean_std([r.metrics[m] for r in runs]) for m in METRICS + DETECTION_METRICS}
         first = runs[0].config
         consistent = all(not run_differences(first, r.config, across_seeds=True) for r in runs[1:])
         out.append(GroupSummary(key, runs, stats, consistent))
@@ -156,7 +164,17 @@ def fmt_mean_std(mean: float, std: float, n: int) -> str:
     return f"{mean:.2f}" if n < 2 else f"{mean:.2f} ± {std:.2f}"
 
 
-TABLE_HEADERS = ["run", "n", "method", "model", "teacher", "last top-1", "best top-1", "last top-5", "best top-5"]
+TABLE_HEADERS = ["run", "n", "method", "model", "teacher"]
+
+
+def shown_metrics(groups: Sequence[GroupSummary]) -> tuple[str, ...]:
+    """The metric columns the groups have values for: top-1/top-5 for classification runs,
+    box AP/AP50 for detection runs, both for a folder holding both kinds."""
+    def present(keys: tuple[str, ...]) -> bool:
+        return any(not math.isnan(g.stats[k][0]) for g in groups for k in keys)
+
+    cls, det = present(METRICS), present(DETECTION_METRICS)
+    return (METRICS if cls or not det else ()) + (DETECTION_METRICS if det else ())
 
 
 def table_rows(groups: Sequence[GroupSummary]) -> list[list[str]]:
@@ -164,7 +182,7 @@ def table_rows(groups: Sequence[GroupSummary]) -> list[list[str]]:
     for g in groups:
         name = g.group if g.consistent else f"{g.group} (configs differ!)"
         rows.append([name, str(g.n), g.first.method, g.first.model, g.first.teacher]
-                    + [fmt_mean_std(*g.stats[m], g.n) for m in METRICS])
+                    + [fmt_mean_std(*g.stats[m], g.n) for m in shown_metrics(groups)])
     return rows
 
 
@@ -174,7 +192,7 @@ def format_text(groups: Sequence[GroupSummary], markdown: bool = False) -> str:
     rows = table_rows(groups)
     if markdown:
         rows = [[c.replace("|", "\\|") for c in r] for r in rows]
-    print_table(TABLE_HEADERS, rows, file=buf)
+    print_table(TABLE_HEADERS + [METRIC_TITLES[m] for m in shown_metrics(groups)], rows, file=buf)
     return buf.getvalue()
 
 
@@ -183,13 +201,14 @@ def format_csv(groups: Sequence[GroupSummary]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
     header = ["run", "n", "method", "model", "teacher", "dataset", "epochs"]
-    for m in METRICS:
+    metrics = shown_metrics(groups)
+    for m in metrics:
         header += [f"{m}_mean", f"{m}_std"]
     header += ["seeds", "run_dirs", "consistent"]
     writer.writerow(header)
     for g in groups:
         row: list[Any] = [g.group, g.n, g.first.method, g.first.model, g.first.teacher, g.first.dataset, g.first.epochs]
-        for m in METRICS:
+        for m in metrics:
             mean, std = g.stats[m]
             row += [f"{mean:.4f}", f"{std:.4f}"]
         row += [" ".join(str(r.seed) for r in g.runs), " ".join(str(r.run_dir) for r in g.runs), g.consistent]
@@ -198,6 +217,6 @@ def format_csv(groups: Sequence[GroupSummary]) -> str:
 
 
 __all__ = [
-    "GroupSummary", "METRICS", "RunRecord", "find_runs", "fmt_mean_std", "format_csv", "format_text",
-    "group_runs", "mean_std", "read_run", "seed_run_name", "split_seed_name", "unfinished_runs",
+    "DETECTION_METRICS", "GroupSummary", "METRICS", "RunRecord", "find_runs", "fmt_mean_std", "format_csv", "format_text",
+    "group_runs", "mean_std", "read_run", "seed_run_name", "shown_metrics", "split_seed_name", "unfinished_runs",
 ]
