@@ -472,3 +472,8 @@ def test_auto_loader_workers_are_none_on_the_cpu_and_a_share_of_the_cores_on_a_g
     # The loaders the engine builds use it.
     loader = train_loader(list(range(8)), DataConfig(batch_size=4), seed=0, device_type="cpu")
     assert loader.num_workers == 0 and not loader.persistent_workers
+    from kdlab.data.loading import loader_options
+
+    assert loader_options(DataConfig(num_workers=2), "cuda") == {"num_workers": 2, "pin_memory": True,
+                                                                  "persistent_workers": True}
+    assert loader_options(DataConfig(num_workers=2), "cpu")["pin_memory"] is False

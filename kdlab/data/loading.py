@@ -1,7 +1,11 @@
-"""How many DataLoader worker processes a run gets (`data.num_workers`)."""
+"""How a run's DataLoaders are set up: worker processes (`data.num_workers`), pinned memory and
+persistent workers, the same for every loader kdlab builds."""
 from __future__ import annotations
 
 import os
+from typing import Any
+
+from kdlab.config.schema import DataConfig
 
 #: Most workers `auto` starts per training process on an accelerator.
 MAX_AUTO_WORKERS = 8
@@ -25,4 +29,12 @@ def resolve_workers(num_workers: int | str, device_type: str) -> int:
     return max(1, min(MAX_AUTO_WORKERS, cores - 1))
 
 
-__all__ = ["MAX_AUTO_WORKERS", "resolve_workers"]
+def loader_options(cfg: DataConfig, device_type: str) -> dict[str, Any]:
+    """The DataLoader keyword arguments a data config gives on a device: the resolved worker
+    count, memory pinned only for CUDA, workers kept alive between epochs only if there are any."""
+    workers = resolve_workers(cfg.num_workers, device_type)
+    return {"num_workers": workers, "pin_memory": cfg.pin_memory and device_type == "cuda",
+            "persistent_workers": cfg.persistent_workers and workers > 0}
+
+
+__all__ = ["MAX_AUTO_WORKERS", "loader_options", "resolve_workers"]

@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 
 from kdlab.config.schema import DataConfig, ExperimentConfig, ModelConfig
 from kdlab.engine.checkpoint import build_model_from_checkpoint
-from kdlab.data.loading import resolve_workers
+from kdlab.data.loading import loader_options
 from kdlab.data.sampling import EpochSampler, SeededDataset
 from kdlab.errors import ConfigError
 from kdlab.methods import Distiller, method_class
@@ -59,14 +59,11 @@ def train_loader(dataset, cfg: DataConfig, seed: int, device_type: str, num_repl
     """Shuffled loader yielding (images, targets, indices) with per-sample seeded augmentation."""
     seeded = SeededDataset(dataset, seed)
     sampler = EpochSampler(seeded, seed=seed, shuffle=True, num_replicas=num_replicas, rank=rank)
-    workers = resolve_workers(cfg.num_workers, device_type)
     return DataLoader(
         seeded,
         batch_size=cfg.batch_size,
         sampler=sampler,
-        num_workers=workers,
-        pin_memory=cfg.pin_memory and device_type == "cuda",
-        persistent_workers=cfg.persistent_workers and workers > 0,
+        **loader_options(cfg, device_type),
         drop_last=False,
         # The loader's own generator: starting an epoch's iterator must not draw from the global
         # RNG, or a run resumed mid-epoch (global RNG restored) would see a shifted stream.
@@ -75,14 +72,11 @@ def train_loader(dataset, cfg: DataConfig, seed: int, device_type: str, num_repl
 
 
 def eval_loader(dataset, cfg: DataConfig, device_type: str, sampler=None) -> DataLoader:
-    workers = resolve_workers(cfg.num_workers, device_type)
     return DataLoader(
         dataset,
         batch_size=cfg.eval_batch_size or max(cfg.batch_size, 128),
         shuffle=False,
         sampler=sampler,
-        num_workers=workers,
-        pin_memory=cfg.pin_memory and device_type == "cuda",
-        persistent_workers=cfg.persistent_workers and workers > 0,
+        **loader_options(cfg, device_type),
         generator=torch.Generator(),  # as above: evaluation leaves the global RNG alone
     )

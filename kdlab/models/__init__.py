@@ -7,12 +7,13 @@ from kdlab.models.registry import MODELS, create_model, list_models, register_mo
 
 # Importing the zoo modules registers their constructors.
 from kdlab.models import zoo as _zoo  # noqa: F401,E402
-# Prefixes tv:/timm:/py:/det: (torchvision, timm, custom modules); their libraries load lazily.
+# Prefixes tv:/timm:/py:/det: (torchvision, timm, custom modules, torchvision's detectors); their
+# libraries load lazily.
 from kdlab.models import adapter as _adapter  # noqa: F401,E402
 from kdlab.models import timm_models as _timm_models  # noqa: F401,E402
 from kdlab.models import torchvision_models as _torchvision_models  # noqa: F401,E402
-# Prefix det: (torchvision's detectors); registered here so that the model registry is the same
-# whatever the caller imported first (`kdlab train` of a detection config, for example).
+# det: is registered here too, so that the registry does not depend on what the caller imported
+# first (`kdlab train` of a detection config, for example).
 from kdlab.models import detection as _detection  # noqa: F401,E402
 
 __all__ = [

@@ -22,7 +22,8 @@ import warnings
 import torch
 from torch import Tensor
 from torchvision.ops import MultiScaleRoIAlign
-from torchvision.ops.poolers import _setup_scales
+from torchvision.ops._utils import convert_boxes_to_roi_format
+from torchvision.ops.poolers import _filter_input, _setup_scales
 
 
 def _axis_samples(start: Tensor, length: Tensor, bins: int, ratio: int, size: Tensor) -> tuple[Tensor, Tensor]:
@@ -99,15 +100,14 @@ class FastMultiScaleRoIAlign(MultiScaleRoIAlign):
     adaptive sampling ratio or under TorchScript it is torchvision's."""
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
-        features = [v for k, v in x.items() if k in self.featmap_names]
+        features = _filter_input(x, self.featmap_names)
         if (torch.jit.is_scripting() or features[0].device.type != "cpu" or self.sampling_ratio <= 0
                 or len(features) < 2):
             return super().forward(x, boxes, image_shapes)
         if self.scales is None or self.map_levels is None:
             self.scales, self.map_levels = _setup_scales(features, image_shapes, self.canonical_scale,
                                                          self.canonical_level)
-        rois = torch.cat([torch.cat([torch.full((len(b), 1), float(i), dtype=b.dtype, device=b.device), b], 1)
-                          for i, b in enumerate(boxes)])
+        rois = convert_boxes_to_roi_format(boxes)  # (R, 5): image index, then the box
         if rois.shape[0] == 0:
             return features[0].new_zeros((0, features[0].shape[1], *self.output_size))
         levels = self.map_levels(boxes)

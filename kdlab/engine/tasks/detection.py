@@ -19,7 +19,7 @@ from kdlab.data.coco import DETECTION_DATASETS, CocoSplit, collate_detection, de
 from kdlab.data.coco_eval import coco_metrics, detections_to_coco
 from kdlab.data.datasets import DataBundle
 from kdlab.data.grouped import GroupedBatchSampler
-from kdlab.data.loading import resolve_workers
+from kdlab.data.loading import loader_options
 from kdlab.data.sampling import SeededDataset
 from kdlab.data.shapes import generate_shapes, shapes_key
 from kdlab.engine.checkpoint import Checkpoint, load_model_state
@@ -171,10 +171,8 @@ class DetectionTask(Task):
         # The loader's own generator: starting an epoch's iterator then draws its base seed from it,
         # not from the global RNG, which the detector's proposal samplers use and which a resumed
         # run restores mid-epoch (drawing from it here would shift every later proposal draw).
-        workers = resolve_workers(cfg.data.num_workers, device.type)
         loader = DataLoader(seeded, batch_sampler=sampler, collate_fn=collate_detection,
-                            num_workers=workers, pin_memory=cfg.data.pin_memory and device.type == "cuda",
-                            persistent_workers=cfg.data.persistent_workers and workers > 0,
+                            **loader_options(cfg.data, device.type),
                             generator=torch.Generator().manual_seed(cfg.train.seed))
         return DetectionLoader(loader, sampler)
 
@@ -182,11 +180,9 @@ class DetectionTask(Task):
                     dist: DistInfo) -> Iterable:
         # Each rank detects on its own shard; evaluate() gathers the detections.
         shard = ShardSampler(len(data.val), dist) if dist.enabled else None
-        workers = resolve_workers(cfg.data.num_workers, device.type)
         return DataLoader(data.val, batch_size=batch_size or max(cfg.data.batch_size // dist.world_size, 1),
                           sampler=shard, shuffle=False, collate_fn=collate_detection,
-                          num_workers=workers, pin_memory=cfg.data.pin_memory and device.type == "cuda",
-                          persistent_workers=cfg.data.persistent_workers and workers > 0)
+                          **loader_options(cfg.data, device.type))
 
     def to_batch(self, raw: Any, device: torch.device, *, channels_last: bool = False) -> Batch:
         # (images, targets, indices) from SeededDataset + collate_detection. tv_tensors become
