@@ -223,6 +223,15 @@ class TrainConfig(StrictModel):
         description="Steps between host reads of the on-device non-finite flag and progress-bar "
         "updates (the training step itself never waits for the host)",
     )
+    grad_clip: PositiveFloat | None = Field(
+        default=None,
+        description="Clip the gradients' global L2 norm to this value before each update (none: no clipping)",
+    )
+    accumulate: PositiveInt = Field(
+        default=1,
+        description="Micro-batches per optimizer step: each batch is forwarded and backpropagated in "
+        "this many parts, then one update (data.batch_size stays the batch of one update)",
+    )
     progress: bool = True
     tensorboard: bool = True
 

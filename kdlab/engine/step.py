@@ -19,10 +19,23 @@ every step would stall a GPU once per step, so the flag stays on the device:
   checkpoint, or count the skip against `train.max_skipped`).
 
 An optimizer that cannot skip on the device (not fused) falls back to one host read per step.
+
+Two settings users of other trainers expect, both without host synchronisation:
+
+- `train.grad_clip`: the gradients' global L2 norm is clipped to this value before the update
+  (`torch.nn.utils.clip_grad_norm_`, computed on the device; under fp16 after unscaling);
+- `train.accumulate`: the batch is split into this many micro-batches, each forwarded and
+  backpropagated in turn with its loss weighted by its share of the batch, then one optimizer
+  step. Without batch norm this gives the full batch's gradient (tested) with a fraction of the
+  activation memory; with batch norm each micro-batch is normalised by its own statistics, as in
+  every accumulating trainer. Under DDP the gradient all-reduce runs once, on the last
+  micro-batch (`no_sync`). `data.batch_size` stays the batch of one optimizer step.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import contextlib
+from dataclasses import replace
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +61,47 @@ def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
 
 
+def _split(value: Any, bounds: list[tuple[int, int]], size: int) -> list[Any]:
+    """`value` cut along its first dimension at `bounds` when it is per-sample (a tensor or
+    list of length `size`), else the same value for every part."""
+    if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == size:
+        return [value[a:b] for a, b in bounds]
+    if isinstance(value, (list, tuple)) and len(value) == size:
+        return [value[a:b] for a, b in bounds]
+    return [value] * len(bounds)
+
+
+def micro_batches(batch: Batch, parts: int) -> list[Batch]:
+    """`batch` split into at most `parts` micro-batches of sizes that differ by at most one
+    (fewer when the batch has fewer samples), every per-sample field cut the same way."""
+    size = batch.size
+    parts = max(1, min(parts, size))
+    edges = [round(i * size / parts) for i in range(parts + 1)]
+    bounds = [(a, b) for a, b in zip(edges, edges[1:])]
+    fields = {
+        "images": _split(batch.images, bounds, size),
+        "targets": _split(batch.targets, bounds, size),
+        "indices": _split(batch.indices, bounds, size),
+        "teacher_logits": _split(batch.teacher_logits, bounds, size),
+    }
+    extras = {k: _split(v, bounds, size) for k, v in batch.extras.items()}
+    return [
+        replace(batch, **{k: v[i] for k, v in fields.items()}, extras={k: v[i] for k, v in extras.items()})
+        for i in range(len(bounds))
+    ]
+
+
+def _weighted_sum(outs: list[StepOutput], weights: list[float]) -> StepOutput:
+    """One `StepOutput` for the whole batch from its micro-batches': loss terms and stats
+    weighted by each micro-batch's share, logits concatenated."""
+    def combine(key: str) -> dict[str, Tensor]:
+        names = getattr(outs[0], key)
+        return {n: sum(w * getattr(o, key)[n] for o, w in zip(outs, weights)) for n in names}
+
+    logits = None if outs[0].logits is None else torch.cat([o.logits for o in outs])
+    return StepOutput(logits, combine("losses"), combine("stats"))
+
+
 class TrainStep:
     """Forward, loss terms, AMP and gradient scaler, non-finite guard, backward, optimizer step.
 
@@ -63,8 +117,14 @@ class TrainStep:
         amp: str = "none",
         *,
         check_grads: bool = False,
+        grad_clip: float | None = None,
+        accumulate: int = 1,
     ) -> None:
+        if accumulate < 1:
+            raise ValueError(f"accumulate must be at least 1, got {accumulate}")
         self.module, self.optimizer, self.scaler = module, optimizer, scaler
+        self.grad_clip, self.accumulate = grad_clip, accumulate
+        self._params = [p for group in optimizer.param_groups for p in group["params"]]
         self.device, self.amp = device, amp
         self.on_device = skips_on_device(optimizer)
         # Under DDP one rank's non-finite loss reaches every rank through the gradient
@@ -76,29 +136,62 @@ class TrainStep:
 
     @classmethod
     def for_distiller(cls, distiller: nn.Module, optim: OptimConfig, device: torch.device, amp: str = "none",
-                      *, compile: bool = False) -> "TrainStep":
+                      *, compile: bool = False, grad_clip: float | None = None,
+                      accumulate: int = 1) -> "TrainStep":
         """The step `kdlab train` builds for `distiller` (without DDP): the config's optimizer
         over its trainable parameters, the fp16 gradient scaler when `amp` is fp16, and
         `torch.compile` when asked. Benchmarks time exactly this."""
         optimizer = build_optimizer(distiller.trainable_parameters(), optim)
         scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
         module = torch.compile(distiller) if compile else distiller
-        return cls(module, optimizer, scaler, device, amp)
+        return cls(module, optimizer, scaler, device, amp, grad_clip=grad_clip, accumulate=accumulate)
 
-    def __call__(self, batch: Batch, epoch: int) -> StepResult:
-        with autocast_context(self.device, self.amp):
-            out: StepOutput = self.module(batch, epoch)
-        loss = sum(out.losses.values())
-        finite = torch.isfinite(loss)
-        self.optimizer.zero_grad(set_to_none=True)
+    def _backward(self, loss: Tensor) -> None:
         if self.scaler.is_enabled():
             # NaN gradients make the scaler's own device-side check skip this step.
-            poisoned = loss * torch.where(finite, 1.0, float("nan"))
+            poisoned = loss * torch.where(torch.isfinite(loss), 1.0, float("nan"))
             self.scaler.scale(poisoned).backward()
+        else:
+            loss.backward()
+
+    def _forward_backward(self, batch: Batch, epoch: int) -> StepOutput:
+        """Forward and backward of the whole batch, or of its micro-batches in turn."""
+        if self.accumulate == 1:
+            with autocast_context(self.device, self.amp):
+                out: StepOutput = self.module(batch, epoch)
+            self._backward(sum(out.losses.values()))
+            return out
+        parts = micro_batches(batch, self.accumulate)
+        weights = [part.size / batch.size for part in parts]
+        outs = []
+        for i, (part, weight) in enumerate(zip(parts, weights)):
+            # DDP all-reduces the gradients once, after the last micro-batch's backward.
+            last = i == len(parts) - 1
+            no_sync = getattr(self.module, "no_sync", None)
+            with (contextlib.nullcontext() if last or no_sync is None else no_sync()):
+                with autocast_context(self.device, self.amp):
+                    out = self.module(part, epoch)
+                self._backward(weight * sum(out.losses.values()))
+            outs.append(out)
+        return _weighted_sum(outs, weights)
+
+    def _clip(self) -> None:
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip)
+
+    def __call__(self, batch: Batch, epoch: int) -> StepResult:
+        self.optimizer.zero_grad(set_to_none=True)
+        out = self._forward_backward(batch, epoch)
+        loss = sum(out.losses.values())
+        finite = torch.isfinite(loss)
+        if self.scaler.is_enabled():
+            if self.grad_clip is not None:
+                self.scaler.unscale_(self.optimizer)
+                self._clip()
             self.scaler.step(self.optimizer)
             self.scaler.update()
         elif self.on_device:
-            loss.backward()
+            self._clip()
             found_inf = (~finite).float()
             if self.check_grads:
                 grads = [p.grad for group in self.optimizer.param_groups for p in group["params"]
@@ -113,7 +206,7 @@ class TrainStep:
             finally:
                 del self.optimizer.grad_scale, self.optimizer.found_inf  # type: ignore[attr-defined]
         elif bool(finite):  # fallback: one host read per step
-            loss.backward()
+            self._clip()
             self.optimizer.step()
         return StepResult(loss.detach(), finite, out)
 

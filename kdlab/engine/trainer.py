@@ -152,7 +152,8 @@ class Trainer:
         # fp16 gradients underflow without loss scaling on any device; bf16 needs none.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp == "fp16")
         self.step = TrainStep(step_module, self.optimizer, self.scaler, self.device, cfg.train.amp,
-                              check_grads=self.dist.enabled)
+                              check_grads=self.dist.enabled, grad_clip=cfg.train.grad_clip,
+                              accumulate=cfg.train.accumulate)
         self.monitor = NonFiniteMonitor(self.device)
         feed = teacher_feed(cfg, self.data, self.distiller, self.device)
         self.callbacks = default_callbacks(self, feed) + self.extra_callbacks
