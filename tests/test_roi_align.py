@@ -77,13 +77,13 @@ def test_no_boxes_and_an_adaptive_sampling_ratio():
     maps = fpn_maps(2, 3, 1)
     empty = [torch.zeros(0, 4, dtype=torch.float64)] * 2
     assert FastMultiScaleRoIAlign(NAMES, 7, 2)(maps, empty, [IMAGE] * 2).shape == (0, 3, 7, 7)
-    # sampling_ratio 0 (adaptive) is torchvision's own path, so identical by construction...
+    # sampling_ratio 0 (adaptive) is the sparse path too (tests/test_detectron2_settings.py)...
     boxes = random_boxes(2, 4, 3)
     torch.testing.assert_close(FastMultiScaleRoIAlign(NAMES, 7, 0)(maps, boxes, [IMAGE] * 2),
-                               MultiScaleRoIAlign(NAMES, 7, 0)(maps, boxes, [IMAGE] * 2))
-    # ...and the function itself refuses it rather than computing something else.
+                               MultiScaleRoIAlign(NAMES, 7, 0)(maps, boxes, [IMAGE] * 2), rtol=1e-10, atol=1e-10)
+    # ...and a negative ratio is refused rather than computing something else.
     with pytest.raises(ValueError, match="sampling_ratio"):
-        multilevel_roi_align(list(maps.values()), torch.zeros(1, 5), torch.zeros(1), [0.25] * 4, (7, 7), 0)
+        multilevel_roi_align(list(maps.values()), torch.zeros(1, 5), torch.zeros(1), [0.25] * 4, (7, 7), -1)
 
 
 def test_under_bf16_autocast_the_pooled_features_are_finite_and_keep_their_dtype():

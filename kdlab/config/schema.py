@@ -187,6 +187,12 @@ class ScheduleConfig(StrictModel):
     def _increasing(cls, v: list[int]) -> list[int]:
         if any(b <= a for a, b in zip(v, v[1:])):
             raise ValueError(f"milestones must be strictly increasing, got {v}")
+    norm_weight_decay: NonNegativeFloat | None = Field(
+        default=None,
+        description="weight decay of the normalisation layers' parameters (batch/group/layer/instance norm): "
+        "none: weight_decay, like every other parameter; 0: none, as Detectron2's WEIGHT_DECAY_NORM "
+        "(the detection recipes); torchvision's reference scripts call it norm_weight_decay",
+    )
         return v
 
 

@@ -10,6 +10,8 @@ Detectron2's WarmupMultiStepLR does for the detection recipes.
 
 The optimizer is fused where the device has fused kernels: a fused step can skip itself on
 the device, which the training step's non-finite guard relies on (`kdlab.engine.step`).
+With `optim.norm_weight_decay` the normalisation layers' parameters form a second parameter
+group with that decay (Detectron2's WEIGHT_DECAY_NORM, torchvision's `norm_weight_decay`).
 """
 from __future__ import annotations
 
@@ -27,16 +29,36 @@ from kdlab.config.schema import OptimConfig, ScheduleConfig
 FUSED_DEVICES = ("cpu", "cuda")
 
 
-def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+def parameter_groups(params: list[nn.Parameter], cfg: OptimConfig, model: nn.Module | None) -> list[dict]:
+    """`params` as the optimizer's groups: one, or with `cfg.norm_weight_decay` the parameters of
+    `model`'s normalisation layers (torchvision's list: batch, group, layer, instance and local
+    response norms) apart, with that decay. Both keep the order of `params`."""
+    if cfg.norm_weight_decay is None or cfg.norm_weight_decay == cfg.weight_decay:
+        return [{"params": params}]
+    if model is None:
+        raise ValueError("optim.norm_weight_decay needs the model, to find its normalisation layers")
+    from torchvision.ops._utils import split_normalization_params  # lazy: torchvision.ops, only for this setting
+
+    norm = {id(p) for p in split_normalization_params(model)[0]}
+    groups = [{"params": [p for p in params if id(p) not in norm]},
+              {"params": [p for p in params if id(p) in norm], "weight_decay": cfg.norm_weight_decay}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig,
+                    model: nn.Module | None = None) -> torch.optim.Optimizer:
+    """The config's optimizer over `params` (`model`: the module holding them, needed with
+    `optim.norm_weight_decay`)."""
     params = list(params)
     fused = bool(params) and all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params) \
         and len({p.device for p in params}) == 1
+    groups = parameter_groups(params, cfg, model)
     if cfg.name == "sgd":
         return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+            groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
             weight_decay=cfg.weight_decay, fused=fused or None,
         )
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
 def lr_factor(epoch: int, total_epochs: int, cfg: ScheduleConfig, base_lr: float) -> float:

@@ -141,7 +141,7 @@ class TrainStep:
         """The step `kdlab train` builds for `distiller` (without DDP): the config's optimizer
         over its trainable parameters, the fp16 gradient scaler when `amp` is fp16, and
         `torch.compile` when asked. Benchmarks time exactly this."""
-        optimizer = build_optimizer(distiller.trainable_parameters(), optim)
+        optimizer = build_optimizer(distiller.trainable_parameters(), optim, distiller)
         scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
         module = torch.compile(distiller) if compile else distiller
         return cls(module, optimizer, scaler, device, amp, grad_clip=grad_clip, accumulate=accumulate)

@@ -146,7 +146,7 @@ class Trainer:
         self.total_steps = cfg.train.iterations or cfg.train.epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / max(self.steps_per_epoch, 1)) if cfg.train.iterations \
             else cfg.train.epochs
-        self.optimizer = build_optimizer(self.distiller.trainable_parameters(), cfg.optim)
+        self.optimizer = build_optimizer(self.distiller.trainable_parameters(), cfg.optim, self.distiller)
         per_step = cfg.schedule.unit == "iteration"
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.total_steps if per_step else self.epochs)
         # fp16 gradients underflow without loss scaling on any device; bf16 needs none.

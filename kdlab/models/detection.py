@@ -10,8 +10,10 @@ with C + 1 outputs, index 0 being the background, as torchvision's detectors exp
 
 Backbones and FPNs come from torchvision's builders (`resnet_fpn_backbone`,
 `BackboneWithFPN`). Faster/Mask R-CNN read P2-P5 plus a max-pooled P6 (five 256-channel
-maps, Detectron2's layout); RetinaNet reads P3-P5 plus P6/P7 (torchvision computes P6 from
-P5, Detectron2 from C5). The MobileNetV2 FPN taps the last block of each stride (24, 32, 96
+maps, Detectron2's layout); RetinaNet reads P3-P5 plus P6/P7 (from P5 as torchvision's
+RetinaNet, or from C5 as Detectron2's: `p6p7_from`). The ROI poolers, the box losses' betas and
+the proposal counts are settings, torchvision's by default, Detectron2's in `configs/coco/`.
+The MobileNetV2 FPN taps the last block of each stride (24, 32, 96
 and 320 channels at strides 4, 8, 16, 32), as the ReviewKD/DKD authors' MobileNetV2
 backbone does; torchvision's own `mobilenet_backbone` taps the first block of each stride
 instead, so it is not used here.
@@ -66,6 +68,14 @@ _NAME = re.compile(r"^(?P<family>[a-z]+)_(?P<backbone>resnet\d+|mobilenet_v2)_fp
 _MV2_TAPS = {3: 24, 6: 32, 13: 96, 17: 320}
 #: MobileNetV2 `features` indices opening each of its 5 freezable stages (stem + 16-ch block first).
 _MV2_STAGE_STARTS = (0, 2, 4, 7, 14)
+#: Channels of each backbone's deepest stage (C5), which Detectron2's RetinaNet P6 reads.
+C5_CHANNELS = {"resnet18": 512, "resnet50": 2048, "resnet101": 2048, "mobilenet_v2": 320}
+#: `model.kwargs` that are kdlab's own (the rest are torchvision's detector arguments).
+KDLAB_OPTIONS = ("norm", "trainable_layers", "backbone_weights", "anchor_sizes", "representation_size",
+                 "image_mean", "image_std", "fast_roi_align", "roi_aligned", "roi_sampling_ratio",
+                 "rpn_smooth_l1_beta", "box_smooth_l1_beta", "p6p7_from")
+#: The weight files `build_detector` reads (a checkpoint replaces what they give).
+WEIGHT_FILES = ("weights", "backbone_weights")
 
 
 @dataclass(frozen=True)
@@ -121,6 +131,45 @@ def spec_of(model: nn.Module) -> DetectorSpec:
 
 
 # ---------------------------------------------------------------------------------------- building
+def default_trainable_layers(spec: DetectorSpec, pretrained: bool) -> int:
+    """Backbone stages trained when `trainable_layers` is not set: 3 for a pretrained ResNet
+    (Detectron2's FREEZE_AT 2), else 5 (from scratch, and the authors' MobileNetV2, FREEZE_AT 0)."""
+    return 3 if pretrained and spec.backbone != "mobilenet_v2" else 5
+
+
+def checkpoint_options(name: str, options: dict[str, Any], weights: str | None = None) -> dict[str, Any]:
+    """The `build_detector` options that rebuild, for a checkpoint holding every weight, the
+    detector `options` (plus `weights`, the config's `model.weights`) built: the weight files are
+    not read again, and the backbone stages they froze stay frozen (`trainable_layers` is fixed
+    from them before they are dropped)."""
+    spec = parse_detector_name(name)
+    pretrained = bool(weights or any(options.get(k) for k in WEIGHT_FILES))
+    kept = {k: v for k, v in options.items() if k not in WEIGHT_FILES}
+    if kept.get("trainable_layers") is None:
+        kept["trainable_layers"] = default_trainable_layers(spec, pretrained)
+    return kept
+
+
+def _check_head_options(spec: DetectorSpec, roi_aligned: bool, roi_sampling_ratio: int,
+                        rpn_beta: float | None, box_beta: float | None, p6p7_from: str) -> None:
+    if not spec.two_stage and (roi_aligned or roi_sampling_ratio != 2):
+        raise ConfigError("model.kwargs.roi_aligned/roi_sampling_ratio set the R-CNN ROI poolers; RetinaNet has none")
+    if roi_sampling_ratio < 0:
+        raise ConfigError(f"model.kwargs.roi_sampling_ratio must be >= 0 (0: adaptive, Detectron2's), "
+                          f"got {roi_sampling_ratio}")
+    if not spec.two_stage and rpn_beta is not None:
+        raise ConfigError("model.kwargs.rpn_smooth_l1_beta sets the R-CNN RPN's box loss; RetinaNet has no RPN "
+                          "(its head's is box_smooth_l1_beta)")
+    for key, beta in (("rpn_smooth_l1_beta", rpn_beta), ("box_smooth_l1_beta", box_beta)):
+        if beta is not None and beta < 0:
+            raise ConfigError(f"model.kwargs.{key} must be >= 0 (0 is L1), got {beta}")
+    if p6p7_from not in ("p5", "c5"):
+        raise ConfigError(f"model.kwargs.p6p7_from must be p5 (torchvision) or c5 (Detectron2), got {p6p7_from!r}")
+    if spec.two_stage and p6p7_from != "p5":
+        raise ConfigError("model.kwargs.p6p7_from sets RetinaNet's P6/P7; an R-CNN's P6 is max-pooled P5 "
+                          "(in torchvision and Detectron2 alike)")
+
+
 def _norm_layer(norm: str) -> Callable[..., nn.Module]:
     from torchvision.ops import FrozenBatchNorm2d  # lazy: detection-only
 
@@ -149,14 +198,22 @@ def _load_backbone_state(module: nn.Module, path: str, label: str, ignore_prefix
     module.load_state_dict(state, strict=False)
 
 
-def _resnet_fpn(spec: DetectorSpec, norm_layer, trainable_layers: int, weights: str | None) -> nn.Module:
-    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone  # lazy: detection-only
+def _p6p7(spec: DetectorSpec, source: str) -> nn.Module:
+    """RetinaNet's P6/P7 block. torchvision's `LastLevelP6P7` reads P5 when its input width is
+    the FPN's (256) and C5 otherwise, so the width chooses the source."""
     from torchvision.ops.feature_pyramid_network import LastLevelP6P7  # lazy: detection-only
+
+    return LastLevelP6P7(C5_CHANNELS[spec.backbone] if source == "c5" else 256, 256)
+
+
+def _resnet_fpn(spec: DetectorSpec, norm_layer, trainable_layers: int, weights: str | None,
+                p6p7_from: str) -> nn.Module:
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone  # lazy: detection-only
 
     retina = spec.family == "retinanet"
     backbone = resnet_fpn_backbone(
         backbone_name=spec.backbone, weights=None, norm_layer=norm_layer, trainable_layers=trainable_layers,
-        returned_layers=[2, 3, 4] if retina else None, extra_blocks=LastLevelP6P7(256, 256) if retina else None,
+        returned_layers=[2, 3, 4] if retina else None, extra_blocks=_p6p7(spec, p6p7_from) if retina else None,
     )
     if weights:
         # IntermediateLayerGetter keeps the ResNet's own module names, minus the classifier.
@@ -164,10 +221,11 @@ def _resnet_fpn(spec: DetectorSpec, norm_layer, trainable_layers: int, weights: 
     return backbone
 
 
-def _mobilenet_v2_fpn(spec: DetectorSpec, norm_layer, trainable_layers: int, weights: str | None) -> nn.Module:
+def _mobilenet_v2_fpn(spec: DetectorSpec, norm_layer, trainable_layers: int, weights: str | None,
+                      p6p7_from: str) -> nn.Module:
     from torchvision.models import mobilenet_v2  # lazy: detection-only
     from torchvision.models.detection.backbone_utils import BackboneWithFPN  # lazy: detection-only
-    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7  # lazy: detection-only
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool  # lazy: detection-only
 
     net = mobilenet_v2(weights=None, norm_layer=norm_layer)
     if weights:
@@ -185,7 +243,7 @@ def _mobilenet_v2_fpn(spec: DetectorSpec, norm_layer, trainable_layers: int, wei
     extra: nn.Module = LastLevelMaxPool()
     if spec.family == "retinanet":
         taps.pop(3)  # P3-P5 (+ P6, P7)
-        extra = LastLevelP6P7(256, 256)
+        extra = _p6p7(spec, p6p7_from)
     return BackboneWithFPN(
         features, return_layers={str(i): str(k) for k, i in enumerate(taps)},
         in_channels_list=list(taps.values()), out_channels=256, extra_blocks=extra,
@@ -234,6 +292,11 @@ def build_detector(
     image_mean: list[float] | None = None,
     image_std: list[float] | None = None,
     fast_roi_align: bool = True,
+    roi_aligned: bool = False,
+    roi_sampling_ratio: int = 2,
+    rpn_smooth_l1_beta: float | None = None,
+    box_smooth_l1_beta: float | None = None,
+    p6p7_from: str = "p5",
     **options: Any,
 ) -> nn.Module:
     """A torchvision detector (see the module docstring).
@@ -254,6 +317,14 @@ def build_detector(
         1024, torchvision's and Detectron2's); smaller makes CPU-sized experiments affordable.
     fast_roi_align: pool R-CNN ROIs on the CPU with `kdlab.models.roi_align` (the same numbers as
         torchvision's ROIAlign, about 8x faster with its backward); other devices are unaffected.
+    roi_aligned, roi_sampling_ratio: the R-CNN box and mask poolers' ROIAlign: torchvision's
+        `aligned=False` with 2 samples per bin side by default; Detectron2's ROIAlignV2 (the
+        authors') is `aligned=True` with 0, adaptive (ceil(ROI side / bins) samples per ROI).
+    rpn_smooth_l1_beta, box_smooth_l1_beta: smooth-L1 beta of the RPN's and of the final box
+        regression (R-CNN ROI head, RetinaNet head); 0 is L1. None keeps torchvision's: 1/9 for
+        both R-CNN heads, L1 for RetinaNet; Detectron2's are 0, 0 and 0.1.
+    p6p7_from: RetinaNet's P6/P7 source, `p5` (torchvision's v1 RetinaNet, whose COCO weights
+        load) or `c5` (Detectron2's, the authors').
     options: torchvision's own detector settings (`rpn_batch_size_per_image`,
         `box_batch_size_per_image`, `box_detections_per_img`, ...).
     """
@@ -264,22 +335,19 @@ def build_detector(
     allowed = _tunable_options(cls)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        hint = closest(unknown[0], allowed + ["norm", "trainable_layers", "backbone_weights", "anchor_sizes",
-                                              "representation_size", "fast_roi_align"])
+        hint = closest(unknown[0], allowed + list(KDLAB_OPTIONS))
         raise ConfigError(
             f"model.kwargs: unknown option(s) {unknown} for {spec.name}" + (f"; did you mean {hint!r}?" if hint else "")
-            + " Detector options: norm, trainable_layers, backbone_weights, anchor_sizes, representation_size, "
-            "fast_roi_align, "
-            f"image_mean, image_std, "
-            f"{', '.join(allowed)}"
+            + f" Detector options: {', '.join(KDLAB_OPTIONS)}, {', '.join(allowed)}"
         )
     if trainable_layers is None:
-        trainable_layers = 3 if (backbone_weights or weights) and spec.backbone != "mobilenet_v2" else 5
+        trainable_layers = default_trainable_layers(spec, pretrained=bool(backbone_weights or weights))
     if not 0 <= trainable_layers <= 5:
         raise ConfigError(f"model.kwargs.trainable_layers must be 0..5, got {trainable_layers}")
+    _check_head_options(spec, roi_aligned, roi_sampling_ratio, rpn_smooth_l1_beta, box_smooth_l1_beta, p6p7_from)
     norm_layer = _norm_layer(norm)
     build = _mobilenet_v2_fpn if spec.backbone == "mobilenet_v2" else _resnet_fpn
-    backbone = build(spec, norm_layer, trainable_layers, backbone_weights)
+    backbone = build(spec, norm_layer, trainable_layers, backbone_weights, p6p7_from)
     kwargs: dict[str, Any] = dict(options)
     if anchor_sizes is not None:
         kwargs["anchor_generator" if spec.family == "retinanet" else "rpn_anchor_generator"] = \
@@ -306,10 +374,13 @@ def build_detector(
     model = cls(backbone, num_classes=outputs, min_size=sizes, max_size=max_size,
                 _skip_resize=skip_train_resize, **kwargs)
     model.kdlab_spec = spec  # read by spec_of(); a plain attribute, not state
-    if fast_roi_align and spec.two_stage:
-        from kdlab.models.roi_align import use_fast_roi_align  # lazy: imports torchvision.ops
+    if spec.two_stage and (fast_roi_align or roi_aligned or roi_sampling_ratio != 2):
+        from kdlab.models.roi_align import set_roi_pooling  # lazy: imports torchvision.ops
 
-        use_fast_roi_align(model)
+        set_roi_pooling(model, aligned=roi_aligned, sampling_ratio=roi_sampling_ratio, sparse_cpu=fast_roi_align)
+    from kdlab.models.box_losses import set_box_losses  # lazy: imports torchvision's detection heads
+
+    set_box_losses(model, rpn_beta=rpn_smooth_l1_beta, box_beta=box_smooth_l1_beta)
     if weights:
         _load_detector_state(model, weights, spec.name, num_classes)
     return model
@@ -451,6 +522,7 @@ def roi_class_logits(model: nn.Module, features: "OrderedDict[str, Tensor]", pro
 
 
 __all__ = [
-    "BACKBONES", "DetectorPass", "DetectorSpec", "FAMILIES", "NORMS", "build_detector", "detector_names",
+    "BACKBONES", "C5_CHANNELS", "DetectorPass", "DetectorSpec", "FAMILIES", "KDLAB_OPTIONS", "NORMS", "WEIGHT_FILES",
+    "build_detector", "checkpoint_options", "default_trainable_layers", "detector_names",
     "fpn_shapes", "num_object_classes", "parse_detector_name", "roi_class_logits", "spec_of", "train_forward",
 ]

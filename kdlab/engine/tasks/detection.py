@@ -28,7 +28,7 @@ from kdlab.engine.evaluate import autocast_context
 from kdlab.engine.tasks.base import Task, TaskData
 from kdlab.errors import CheckpointError, ConfigError, DataError
 from kdlab.methods.base import Batch
-from kdlab.models.detection import PREFIX, build_detector, parse_detector_name
+from kdlab.models.detection import PREFIX, build_detector, checkpoint_options, parse_detector_name
 
 #: torchvision's detector normalisation (ImageNet statistics), recorded in the DataBundle.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -150,7 +150,7 @@ class DetectionTask(Task):
                 "dataset (with the same detection.labels)"
             )
         # The checkpoint holds every weight: initial weight files are not read again.
-        kwargs = {k: v for k, v in {**record.kwargs, **mcfg.kwargs}.items() if k not in ("weights", "backbone_weights")}
+        kwargs = checkpoint_options(name, {**record.kwargs, **mcfg.kwargs}, mcfg.weights)
         model = build_detector(name, num_classes, **kwargs, **sizes)
         load_model_state(model, ckpt.model_state, mcfg.checkpoint, name)
         return model
