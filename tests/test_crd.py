@@ -41,6 +41,8 @@ PUBLISHED = {
     "wrn_40_2_wrn_16_2": 75.48, "wrn_40_2_wrn_40_1": 74.14, "vgg13_vgg8": 73.94,
     "resnet32x4_ShuffleV1": 75.11, "wrn_40_2_ShuffleV1": 76.05, "vgg13_MobileNetV2": 69.73,
     "ResNet50_MobileNetV2": 69.11, "resnet32x4_ShuffleV2": 75.65,
+    # the CRD table's two pairs beyond the 11 of the DKD and ReviewKD tables (PAPERS.md section 6)
+    "resnet110_resnet20": 71.46, "ResNet50_vgg8": 74.3,
 }
 
 

@@ -29,6 +29,8 @@ PUBLISHED = {
     "wrn_40_2_wrn_16_2": 73.58, "wrn_40_2_wrn_40_1": 72.24, "vgg13_vgg8": 71.02,
     "resnet32x4_ShuffleV1": 73.59, "wrn_40_2_ShuffleV1": 73.73, "vgg13_MobileNetV2": 64.14,
     "ResNet50_MobileNetV2": 63.16, "resnet32x4_ShuffleV2": 73.54,
+    # the CRD table's two pairs beyond the 11 of the DKD and ReviewKD tables (PAPERS.md section 6)
+    "resnet110_resnet20": 68.99, "ResNet50_vgg8": 70.69,
 }
 
 
