@@ -13,7 +13,9 @@ from kdlab.errors import ConfigError
 from kdlab.losses.ab import ab_loss, activation_boundary_loss
 from kdlab.methods.ab import ab_connector
 from kdlab.models import StageInfo
-from tests.test_fsp import assert_phases, batch, build_method, check_rows, phased_configs, train_two_phases
+
+from featurekit import (THREE_PAIRS, assert_phases, batch, build_pair, check_bf16_step_is_finite, check_cifar_rows,
+                        cifar_configs, train_two_phases)
 
 # PAPERS.md section 6: AB top-1 on CIFAR-100 (CRD benchmark README).
 PUBLISHED = {
@@ -125,15 +127,13 @@ def test_refuses_mismatched_maps():
 
 # ------------------------------------------------------------------ connectors and pairs
 def build(teacher: str, student: str, classes: int = 100, **cfg):
-    return build_method("ab", teacher, student, classes, **cfg)
+    return build_pair("ab", teacher, student, classes, **cfg)
 
-
-PAIRS = [("resnet32x4", "resnet8x4"), ("resnet32x4", "ShuffleV2"), ("vgg13", "MobileNetV2")]
 
 
 @pytest.fixture(scope="module")
 def pairs():
-    return {pair: build(*pair) for pair in PAIRS}
+    return {pair: build(*pair) for pair in THREE_PAIRS}
 
 
 # The reference's feat[1:-1] with preact=True (RepDistiller models) for each network, (C, H).
@@ -144,7 +144,7 @@ REFERENCE_PREACT = {
 }
 
 
-@pytest.mark.parametrize("pair", PAIRS)
+@pytest.mark.parametrize("pair", THREE_PAIRS)
 def test_connectors_and_maps_are_the_references(pairs, pair):
     d = pairs[pair]
     d.train()
@@ -166,7 +166,7 @@ def test_connectors_and_maps_are_the_references(pairs, pair):
     reference = ReferenceABLoss(len(connected))([m.double() for m in connected],
                                                 [m.double() for m in tf.preact_stages])
     torch.testing.assert_close(value.double(), reference, rtol=1e-5, atol=0)
-    if pair == PAIRS[0]:  # identity connectors: pre-activations, not the ReLU outputs
+    if pair == THREE_PAIRS[0]:  # identity connectors: pre-activations, not the ReLU outputs
         assert not torch.allclose(value, ab_loss(sf.stages, tf.stages))
 
 
@@ -201,11 +201,7 @@ def test_two_phases_through_the_protocol(pairs):
 
 
 def test_mixed_precision_step_is_finite():
-    d = build("resnet8", "resnet8", classes=10)
-    d.train()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = d.forward_train(batch(classes=10), 1)
-    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in out.losses.values())
+    check_bf16_step_is_finite("ab")
 
 
 @pytest.mark.slow
@@ -216,9 +212,9 @@ def test_trains_both_phases_end_to_end_through_the_engine(make_config, tmp_path)
 
 # ------------------------------------------------------------------ configs and rows
 def test_every_ab_config_loads_with_the_reference_settings():
-    for cfg in phased_configs("ab", PUBLISHED):
+    for cfg in cifar_configs("ab", PUBLISHED, init_epochs=30):
         assert (cfg.method.ce_weight, cfg.method.ab_weight, cfg.method.margin) == (1.0, 1.0, 1.0)
 
 
 def test_reproduce_rows_carry_the_published_numbers():
-    check_rows("ab", PUBLISHED)
+    check_cifar_rows("ab", PUBLISHED)

@@ -17,7 +17,7 @@ from kdlab.models import create_model
 
 from featurekit import (ROOT, THREE_PAIRS, Plain, build, check_bf16_step_is_finite, check_cifar_configs,
                         check_cifar_rows, check_trains_end_to_end, check_trains_with_the_teacher_frozen,
-                        cifar_models, features)
+                        check_wrn_uses_the_raw_residual_sums, cifar_models, features)
 
 # PAPERS.md section 6: AT top-1 on CIFAR-100 (the CRD benchmark, RepDistiller README @ b84f547).
 PUBLISHED = {
@@ -132,15 +132,7 @@ def test_every_stage_of_the_reference_on_three_pairs(models, teacher, student):
 
 def test_wrn_uses_the_raw_residual_sums():
     """The references' WRN feats are the blocks' raw outputs (before the next BN-ReLU)."""
-    torch.manual_seed(0)
-    d = build("at", create_model("wrn_16_2", 10), create_model("wrn_16_2", 10), classes=10)
-    images = torch.randn(2, 3, 32, 32)
-    out = d.forward_train(Batch(images, torch.tensor([1, 2])), 1)
-    tf, sf = features(d, images)
-    raw = sum(reference_at_loss(s, t) for s, t in zip(sf.raw_stages, tf.raw_stages))
-    activated = sum(reference_at_loss(s, t) for s, t in zip(sf.stages, tf.stages))
-    assert not torch.allclose(raw, activated)
-    torch.testing.assert_close(out.stats["at_loss"], raw)
+    check_wrn_uses_the_raw_residual_sums("at", reference_at_loss, "at_loss")
 
 
 def test_chosen_stages_pair_in_order(models):

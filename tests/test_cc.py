@@ -9,19 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from kdlab.config import load_config
 from kdlab.losses.cc import cc_loss
 
-try:
-    from tests.test_rkd import (
-        build, check_mixed_precision_step, check_recipe, check_refuses_a_model_without_features,
-        check_rows, config_paths, step_with_features, train_two_steps,
-    )
-except ImportError:  # pytest's rootdir-relative import mode
-    from test_rkd import (  # type: ignore[no-redef]
-        build, check_mixed_precision_step, check_recipe, check_refuses_a_model_without_features,
-        check_rows, config_paths, step_with_features, train_two_steps,
-    )
+from featurekit import (build_pair, check_bf16_step_is_finite, check_cifar_rows, check_refuses_a_model_without_features,
+                        cifar_configs, step_with_features, train_two_steps)
 
 # PAPERS.md section 6: CC top-1 on CIFAR-100 (the CRD benchmark, RepDistiller README @ b84f547).
 PUBLISHED = {
@@ -113,7 +104,7 @@ def test_refuses_mismatched_shapes():
 ])
 def test_the_reference_embeddings_on_three_pairs(teacher, student, dims):
     """RepDistiller: LinearEmbed(feat[-1].shape[1], 128) for each network, Correlation of the two."""
-    d = build("cc", teacher, student)
+    d = build_pair("cc", teacher, student)
     assert (d.embed_t.in_features, d.embed_s.in_features) == dims
     assert d.embed_s.out_features == d.embed_t.out_features == 128 and d.embed_s.bias is not None
     assert set(d.extra_state_dict()) == {"embed_s.weight", "embed_s.bias", "embed_t.weight", "embed_t.bias"}
@@ -127,7 +118,7 @@ def test_the_reference_embeddings_on_three_pairs(teacher, student, dims):
 
 
 def test_trains_through_the_protocol_with_the_teacher_frozen():
-    d = build("cc", "resnet8", "resnet8", classes=10, feat_dim=16)
+    d = build_pair("cc", "resnet8", "resnet8", classes=10, feat_dim=16)
     trainable = {id(p) for p in d.trainable_parameters()}
     assert all(id(p) in trainable for p in [*d.embed_s.parameters(), *d.embed_t.parameters()])
     before = {k: v.clone() for k, v in d.extra_state_dict().items()}
@@ -142,16 +133,14 @@ def test_refuses_a_pair_without_features():
 
 
 def test_mixed_precision_step_is_finite():
-    check_mixed_precision_step("cc")
+    check_bf16_step_is_finite("cc")
 
 
 # ------------------------------------------------------------------ configs and rows
 def test_every_config_loads_with_the_reference_settings():
-    for path in config_paths("cc"):
-        cfg = load_config(path)
-        check_recipe(cfg, path, "cc")
+    for cfg in cifar_configs("cc", PUBLISHED):
         assert (cfg.method.ce_weight, cfg.method.cc_weight, cfg.method.feat_dim) == (1.0, 0.02, 128)
 
 
 def test_reproduce_rows_carry_the_published_numbers():
-    check_rows("cc", PUBLISHED)
+    check_cifar_rows("cc", PUBLISHED)

@@ -1,13 +1,7 @@
 """FSP: the loss against RepDistiller's transcribed in float64 and a hand value, the maps and the
 pairs the reference serves, the two method-owned phases through the protocol, the engine's
-step and the trainer, the shipped configs and the reproduce rows.
-
-Also home of `train_two_phases`, the end-to-end phase check test_ab.py and test_ft.py share."""
+step and the trainer, the shipped configs and the reproduce rows."""
 from __future__ import annotations
-
-import glob
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,12 +13,10 @@ from kdlab.config import load_config
 from kdlab.config.schema import OptimConfig
 from kdlab.errors import ConfigError
 from kdlab.losses.fsp import fsp_loss, fsp_matrix
-from kdlab.methods import method_class
-from kdlab.methods.base import Batch, SetupContext
 from kdlab.methods.phases import phase_losses
-from kdlab.models import create_model
 
-ROOT = Path(__file__).resolve().parents[1]
+from featurekit import (assert_phases, batch, build_pair, check_bf16_step_is_finite, check_cifar_rows, cifar_configs,
+                        context, train_two_phases)
 
 # PAPERS.md section 6: FSP top-1 on CIFAR-100 (CRD benchmark README); n/a for WRN-40-2 -> WRN-40-1
 # and absent from the cross-architecture table.
@@ -116,28 +108,8 @@ def test_refuses_mismatched_lists():
 
 
 # ------------------------------------------------------------------ the method
-def build_method(name: str, teacher: str, student: str, classes: int = 100, **cfg):
-    """Method `name` on a freshly built CIFAR pair (seeded). Shared with test_ab.py, test_ft.py."""
-    torch.manual_seed(0)
-    cls = method_class(name)
-    return cls(create_model(student, classes), create_model(teacher, classes), cls.Config(**cfg),
-               input_size=(3, 32, 32), num_classes=classes)
-
-
 def build(teacher: str, student: str, classes: int = 100, **cfg):
-    return build_method("fsp", teacher, student, classes, **cfg)
-
-
-def context(world_size: int = 1) -> SetupContext:
-    return SetupContext(train_set=range(8), num_train_samples=8, num_classes=100,
-                        data_cfg=load_config(data={"model": {"name": "resnet8"}}).data, seed=0,
-                        device=torch.device("cpu"), run_dir=None, world_size=world_size)
-
-
-def batch(classes: int = 100, n: int = 4, seed: int = 1) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    return Batch(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, classes, (n,), generator=g),
-                 indices=torch.arange(n))
+    return build_pair("fsp", teacher, student, classes, **cfg)
 
 
 @pytest.fixture(scope="module")
@@ -234,11 +206,7 @@ def test_engine_step_switches_phase_under_fused_sgd():
 
 
 def test_mixed_precision_step_is_finite():
-    d = build("resnet8", "resnet8", classes=10)
-    d.train()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = d.forward_train(batch(classes=10), 1)
-    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in out.losses.values())
+    check_bf16_step_is_finite("fsp")
 
 
 def test_phase_losses_keeps_the_names_and_their_order():
@@ -250,30 +218,6 @@ def test_phase_losses_keeps_the_names_and_their_order():
 
 
 # ------------------------------------------------------------------ through the trainer
-def train_two_phases(make_config, tmp_path, method: dict) -> tuple[list[dict], Path]:
-    """Train a resnet8 teacher, then `method` for two epochs with init_epochs=1 through
-    `kdlab train`'s Trainer; returns the student run's metrics rows and its folder."""
-    from kdlab.engine.trainer import Trainer
-
-    Trainer(load_config(data=make_config(name="teacher"))).fit()
-    teacher = {"name": "resnet8", "checkpoint": str(tmp_path / "runs" / "teacher" / "last.pt")}
-    cfg = make_config(name="phased", teacher=teacher, method={**method, "init_epochs": 1},
-                      train={"epochs": 2, "progress": False, "tensorboard": False, "device": "cpu"})
-    Trainer(load_config(data=cfg)).fit()
-    run = tmp_path / "runs" / "phased"
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()], run
-
-
-def assert_phases(rows: list[dict], init: set[str], main: set[str]) -> None:
-    """Epoch 1 logs only the init terms (the main ones at exactly 0), epoch 2 only the main ones."""
-    by_epoch = {r["epoch"]: r for r in rows}
-    for epoch, active, idle in ((1, init, main), (2, main, init)):
-        row = by_epoch[epoch]
-        assert all(row[f"train/{k}"] > 0 for k in active), (epoch, row)
-        assert all(row[f"train/{k}"] == 0.0 for k in idle), (epoch, row)
-        assert row["train/loss"] == pytest.approx(sum(row[f"train/{k}"] for k in active))
-
-
 @pytest.mark.slow
 def test_trains_both_phases_end_to_end_through_the_engine(make_config, tmp_path):
     rows, _ = train_two_phases(make_config, tmp_path, {"name": "fsp"})
@@ -322,45 +266,10 @@ def test_interrupted_in_either_phase_and_resumed_equals_uninterrupted(make_confi
 
 
 # ------------------------------------------------------------------ configs and rows
-def phased_configs(method: str, published: dict[str, float]):
-    """Every configs/cifar100/<method>/*.yaml, loaded, after the checks the three phased methods
-    share: one config per published pair, the CRD recipe with 30 init epochs before RepDistiller's
-    240 (decays at 150/180/210 of those), the teacher's last.pt. Shared with test_ab.py, test_ft.py."""
-    paths = sorted(glob.glob(str(ROOT / "configs" / "cifar100" / method / "*.yaml")))
-    assert {Path(p).stem for p in paths} == set(published)
-    for path in paths:
-        cfg = load_config(path)
-        assert cfg.method.name == method and cfg.name == f"{method}_{Path(path).stem}"
-        assert f"{cfg.teacher.name}_{cfg.model.name}" == Path(path).stem
-        assert cfg.teacher.checkpoint == f"runs/teacher_{cfg.teacher.name}/last.pt"
-        small = cfg.model.name in ("ShuffleV1", "ShuffleV2", "MobileNetV2")
-        assert cfg.optim.lr == (0.01 if small else 0.05) and cfg.data.batch_size == 64
-        assert cfg.method.init_epochs == 30
-        assert cfg.train.epochs == 270 and cfg.schedule.milestones == [180, 210, 240]
-        yield cfg
-
-
-def check_rows(method: str, published: dict[str, float], unpublished: tuple[str, ...] = ()) -> None:
-    """The reproduce rows of `method`: one per published pair with its number and config, plus
-    `unpublished` pairs without either. Shared with test_ab.py, test_ft.py."""
-    from kdlab.reproduce.table import load_rows
-
-    rows = {r.id: r for r in load_rows() if r.method == method}
-    assert {i.split("/")[-1] for i in rows} == {*published, *unpublished}
-    for pair, number in published.items():
-        row = rows[f"{method}/cifar100/{pair}"]
-        assert row.published == number and row.metric == "top1" and row.dataset == "cifar100"
-        assert row.config == f"configs/cifar100/{method}/{pair}.yaml" and (ROOT / row.config).is_file()
-        assert (ROOT / row.teacher_config).is_file()
-    for pair in unpublished:
-        row = rows[f"{method}/cifar100/{pair}"]
-        assert row.published is None and row.config is None and "n/a" in row.note
-
-
 def test_every_fsp_config_loads_with_the_reference_settings():
-    for cfg in phased_configs("fsp", PUBLISHED):
+    for cfg in cifar_configs("fsp", PUBLISHED, init_epochs=30):
         assert (cfg.method.ce_weight, cfg.method.fsp_weight) == (1.0, 1.0)
 
 
 def test_reproduce_rows_carry_the_published_numbers():
-    check_rows("fsp", PUBLISHED, unpublished=("wrn_40_2_wrn_40_1",))
+    check_cifar_rows("fsp", PUBLISHED, unpublished=("wrn_40_2_wrn_40_1",))

@@ -16,7 +16,9 @@ from kdlab.errors import ConfigError
 from kdlab.losses.ft import factor_map, ft_loss, reconstruction_loss
 from kdlab.methods.ft import FT, FTConfig, Paraphraser, translator
 from kdlab.models import create_model
-from tests.test_fsp import assert_phases, batch, build_method, check_rows, phased_configs, train_two_phases
+
+from featurekit import (THREE_PAIRS, Plain, assert_phases, batch, build_pair, check_bf16_step_is_finite,
+                        check_cifar_rows, cifar_configs, train_two_phases)
 
 # PAPERS.md section 6: FT top-1 on CIFAR-100 (CRD benchmark README).
 PUBLISHED = {
@@ -177,15 +179,13 @@ def test_paraphraser_and_translator_equal_the_reference_modules(t_channels, s_ch
 
 
 def build(teacher: str, student: str, classes: int = 100, **cfg) -> FT:
-    return build_method("ft", teacher, student, classes, **cfg)
+    return build_pair("ft", teacher, student, classes, **cfg)
 
-
-PAIRS = [("resnet32x4", "resnet8x4"), ("resnet32x4", "ShuffleV2"), ("vgg13", "MobileNetV2")]
 
 
 @pytest.fixture(scope="module")
 def pairs():
-    return {pair: build(*pair) for pair in PAIRS}
+    return {pair: build(*pair) for pair in THREE_PAIRS}
 
 
 # The reference's feat[-2] (the last stage output) of each network, (C, H), and the factor width.
@@ -193,7 +193,7 @@ REFERENCE_LAST = {"resnet32x4": (256, 8), "resnet8x4": (256, 8), "ShuffleV2": (4
                   "MobileNetV2": (160, 2)}
 
 
-@pytest.mark.parametrize("pair", PAIRS)
+@pytest.mark.parametrize("pair", THREE_PAIRS)
 def test_uses_the_references_tensors_and_modules(pairs, pair):
     d = pairs[pair]
     d.train()
@@ -242,14 +242,6 @@ def test_two_phases_through_the_protocol(pairs):
 
 
 def test_refuses_what_it_cannot_serve():
-    class Plain(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(3 * 32 * 32, 10)
-
-        def forward(self, x):
-            return self.fc(x.flatten(1))
-
     with pytest.raises(ConfigError, match=r"does not accept model\(x, features=True\)"):
         FT(Plain(), create_model("resnet8", 10), FTConfig())
     with pytest.raises(ConfigError, match=r"= 0 channels; raise method.rate"):
@@ -257,12 +249,7 @@ def test_refuses_what_it_cannot_serve():
 
 
 def test_mixed_precision_step_is_finite():
-    d = build("resnet8", "resnet8", classes=10)
-    d.train()
-    for epoch in (1, 31):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = d.forward_train(batch(classes=10), epoch)
-        assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in out.losses.values())
+    check_bf16_step_is_finite("ft", epochs=(1, 31))
 
 
 @pytest.mark.slow
@@ -279,7 +266,7 @@ def test_trains_both_phases_end_to_end_through_the_engine(make_config, tmp_path)
 
 # ------------------------------------------------------------------ configs and rows
 def test_every_ft_config_loads_with_the_reference_settings():
-    for cfg in phased_configs("ft", PUBLISHED):
+    for cfg in cifar_configs("ft", PUBLISHED, init_epochs=30):
         m = cfg.method
         assert (m.ce_weight, m.ft_weight, m.rate) == (1.0, 200.0, 0.5)
         # helper/pretrain.py: the paraphraser trains at lr 0.01 for ResNet/WRN students, else at the
@@ -289,4 +276,4 @@ def test_every_ft_config_loads_with_the_reference_settings():
 
 
 def test_reproduce_rows_carry_the_published_numbers():
-    check_rows("ft", PUBLISHED)
+    check_cifar_rows("ft", PUBLISHED)

@@ -12,22 +12,11 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kdlab.config import load_config
 from kdlab.errors import ConfigError
 from kdlab.losses.kdsvd import align_to_teacher, kdsvd_loss, top_right_singular_vectors
 
-try:
-    from tests.test_rkd import (
-        PUBLISHED as CRD_PAIRS, build, check_mixed_precision_step, check_recipe,
-        check_refuses_a_model_without_features, check_rows, step_with_features, train_two_steps,
-    )
-except ImportError:  # pytest's rootdir-relative import mode
-    from test_rkd import (  # type: ignore[no-redef]
-        PUBLISHED as CRD_PAIRS, build, check_mixed_precision_step, check_recipe,
-        check_refuses_a_model_without_features, check_rows, step_with_features, train_two_steps,
-    )
-
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+from featurekit import (CRD_PAIRS, build_pair, check_bf16_step_is_finite, check_cifar_rows,
+                        check_refuses_a_model_without_features, cifar_configs, step_with_features, train_two_steps)
 
 # The CRD-table pairs whose stages have equal widths stage by stage: the ones KDSVD can run (no
 # published number for any, PAPERS.md section 6).
@@ -201,7 +190,7 @@ def test_refuses_unequal_widths():
 # ------------------------------------------------------------------ the method
 def test_the_reference_stages_on_the_served_pair():
     """ResNet32x4 -> ResNet8x4: mdistiller's feats[1:] (kdlab raw_stages), all three zipped."""
-    d = build("kdsvd", "resnet32x4", "resnet8x4")
+    d = build_pair("kdsvd", "resnet32x4", "resnet8x4")
     assert d.needs_teacher_features and not list(d.extra_state_dict())  # nothing but the student trains
     out, sf, tf = step_with_features(d, 2)
     assert [f.shape[-1] for f in sf.raw_stages] == [f.shape[-1] for f in tf.raw_stages] == [32, 16, 8]
@@ -216,7 +205,7 @@ def test_the_reference_stages_on_the_served_pair():
 ])
 def test_refuses_pairs_whose_widths_differ(teacher, student, widths):
     with pytest.raises(ConfigError, match="method kdsvd cannot distil .*" + widths):
-        build("kdsvd", teacher, student)
+        build_pair("kdsvd", teacher, student)
 
 
 def test_refuses_a_pair_without_features():
@@ -224,26 +213,19 @@ def test_refuses_a_pair_without_features():
 
 
 def test_trains_through_the_protocol_with_the_teacher_frozen():
-    d = build("kdsvd", "resnet8", "resnet8", classes=10, kdsvd_weight=2.0)
+    d = build_pair("kdsvd", "resnet8", "resnet8", classes=10, kdsvd_weight=2.0)
     out = train_two_steps(d, {"ce", "kdsvd"}, classes=10)[0]
     torch.testing.assert_close(out.losses["kdsvd"], 2.0 * out.stats["kdsvd"])
     assert out.stats["kdsvd"] > 0
 
 
 def test_mixed_precision_step_is_finite():
-    check_mixed_precision_step("kdsvd")
+    check_bf16_step_is_finite("kdsvd")
 
 
 # ------------------------------------------------------------------ configs and rows
 def test_configs_for_every_pair_kdsvd_can_run():
-    import glob
-    from pathlib import Path
-
-    paths = sorted(glob.glob(str(ROOT / "configs" / "cifar100" / "kdsvd" / "*.yaml")))
-    assert {Path(p).stem for p in paths} == SERVED
-    for path in paths:
-        cfg = load_config(path)
-        check_recipe(cfg, path, "kdsvd")
+    for cfg in cifar_configs("kdsvd", SERVED):
         assert (cfg.method.ce_weight, cfg.method.kdsvd_weight, cfg.method.k) == (1.0, 1.0, 1)
 
 
@@ -253,8 +235,8 @@ def test_the_other_pairs_of_the_crd_table_are_refused():
         teacher, student = next((t, s) for t in ("resnet32x4", "wrn_40_2", "vgg13", "ResNet50")
                                 for s in ("ShuffleV1", "ShuffleV2", "MobileNetV2", "vgg8") if f"{t}_{s}" == pair)
         with pytest.raises(ConfigError, match="widths differ"):
-            build("kdsvd", teacher, student)
+            build_pair("kdsvd", teacher, student)
 
 
 def test_reproduce_rows_have_no_published_number():
-    check_rows("kdsvd", dict.fromkeys(SERVED))
+    check_cifar_rows("kdsvd", dict.fromkeys(SERVED))

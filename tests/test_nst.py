@@ -16,7 +16,7 @@ from kdlab.models import create_model
 
 from featurekit import (THREE_PAIRS, build, check_bf16_step_is_finite, check_cifar_configs, check_cifar_rows,
                         check_trains_end_to_end, check_trains_with_the_teacher_frozen,
-                        cifar_models, features)
+                        check_wrn_uses_the_raw_residual_sums, cifar_models, features)
 
 # PAPERS.md section 6: NST top-1 on CIFAR-100 (the CRD benchmark, RepDistiller README @ b84f547).
 PUBLISHED = {
@@ -132,15 +132,7 @@ def test_every_stage_of_the_reference_on_three_pairs(models, teacher, student):
 
 
 def test_wrn_uses_the_raw_residual_sums():
-    torch.manual_seed(0)
-    d = build("nst", create_model("wrn_16_2", 10), create_model("wrn_16_2", 10), classes=10)
-    images = torch.randn(2, 3, 32, 32)
-    out = d.forward_train(Batch(images, torch.tensor([1, 2])), 1)
-    tf, sf = features(d, images)
-    raw = sum(reference_nst_loss(s, t) for s, t in zip(sf.raw_stages, tf.raw_stages))
-    activated = sum(reference_nst_loss(s, t) for s, t in zip(sf.stages, tf.stages))
-    assert not torch.allclose(raw, activated)
-    torch.testing.assert_close(out.stats["nst_loss"], raw)
+    check_wrn_uses_the_raw_residual_sums("nst", reference_nst_loss, "nst_loss")
 
 
 def test_trains_through_the_protocol_with_the_teacher_frozen():

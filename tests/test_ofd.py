@@ -4,9 +4,7 @@ CIFAR pairs, training through the method protocol with the teacher frozen, the c
 from __future__ import annotations
 
 import copy
-import glob
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,10 +24,7 @@ from kdlab.models import create_model
 from kdlab.models.preact_bn import bn_before_relu
 from kdlab.models.zoo.shufflenetv2 import channel_shuffle
 
-ROOT = Path(__file__).resolve().parents[1]
-PAIRS = ["resnet56_resnet20", "resnet110_resnet20", "resnet110_resnet32", "resnet32x4_resnet8x4", "vgg13_vgg8",
-         "wrn_40_2_wrn_16_2", "wrn_40_2_wrn_40_1", "resnet32x4_ShuffleV1", "resnet32x4_ShuffleV2",
-         "wrn_40_2_ShuffleV1", "vgg13_MobileNetV2", "ResNet50_MobileNetV2", "ResNet50_vgg8"]
+from featurekit import CRD_PAIRS, ROOT, THREE_PAIRS, cifar_configs, train_teacher_then
 
 
 # ------------------------------------------------------------------ mdistiller, transcribed
@@ -213,9 +208,6 @@ def build(teacher: str, student: str, classes: int = 100, **cfg) -> OFD:
     randomise_batch_norms(t, 1)
     cls = method_class("ofd")
     return cls(create_model(student, classes), t, cls.Config(**cfg), input_size=(3, 32, 32), num_classes=classes)
-
-
-THREE_PAIRS = [("resnet32x4", "resnet8x4"), ("resnet32x4", "ShuffleV2"), ("vgg13", "MobileNetV2")]
 
 
 @pytest.fixture(scope="module")
@@ -416,20 +408,10 @@ def test_mixed_precision_step_is_finite():
 
 # ------------------------------------------------------------------ configs and rows
 def test_every_cifar_config_loads_with_mdistillers_settings():
-    paths = sorted(glob.glob(str(ROOT / "configs" / "cifar100" / "ofd" / "*.yaml")))
-    assert {Path(p).stem for p in paths} == set(PAIRS)
-    for path in paths:
-        cfg = load_config(path)
+    for cfg in cifar_configs("ofd", CRD_PAIRS):
         m = cfg.method
-        assert m.name == "ofd" and cfg.name == "ofd_" + Path(path).stem
         assert (m.ce_weight, m.feat_weight, m.connector_kernel, m.teacher_bn) == (1.0, 0.001, 1, "batch")
         assert m.student_stages is None and m.teacher_stages is None
-        assert f"{cfg.teacher.name}_{cfg.model.name}" == Path(path).stem
-        assert cfg.teacher.checkpoint == f"runs/teacher_{cfg.teacher.name}/last.pt"
-        assert (ROOT / "configs" / "cifar100" / "teachers" / f"{cfg.teacher.name}.yaml").is_file()
-        small = cfg.model.name in ("ShuffleV1", "ShuffleV2", "MobileNetV2")
-        assert cfg.optim.lr == (0.01 if small else 0.05) and cfg.data.batch_size == 64
-        assert cfg.train.epochs == 240 and cfg.schedule.milestones == [150, 180, 210]
 
 
 def test_imagenet_configs_and_their_stages():
@@ -456,7 +438,7 @@ def test_reproduce_rows_have_no_published_numbers():
     from kdlab.reproduce.table import load_rows
 
     rows = {r.id: r for r in load_rows() if r.method == "ofd"}
-    assert set(rows) == {f"ofd/cifar100/{p}" for p in PAIRS} | {
+    assert set(rows) == {f"ofd/cifar100/{p}" for p in CRD_PAIRS} | {
         "ofd/imagenet/resnet34_resnet18", "ofd/imagenet/resnet50_MobileNetV1"}
     for row in rows.values():
         assert row.published is None and "unknown" in row.note and row.metric == "top1"
@@ -467,15 +449,10 @@ def test_reproduce_rows_have_no_published_numbers():
 @pytest.mark.slow
 def test_trains_end_to_end_through_the_engine(make_config, tmp_path):
     """`kdlab train` with method ofd: the term is logged and the connectors checkpointed."""
-    import json
+    from kdlab.engine.checkpoint import Checkpoint  # lazy: only this test reads a checkpoint
 
-    from kdlab.engine.checkpoint import Checkpoint
-    from kdlab.engine.trainer import Trainer
-
-    Trainer(load_config(data=make_config(name="teacher"))).fit()
-    teacher = {"name": "resnet8", "checkpoint": str(tmp_path / "runs" / "teacher" / "last.pt")}
-    Trainer(load_config(data=make_config(name="ofd", teacher=teacher, method={"name": "ofd"}))).fit()
-    row = json.loads((tmp_path / "runs" / "ofd" / "metrics.jsonl").read_text().splitlines()[-1])
+    rows, run = train_teacher_then({"name": "ofd"}, make_config, tmp_path)
+    row = rows[-1]
     assert row["train/ofd"] == pytest.approx(0.001 * row["stat/ofd_distance"], rel=1e-5) and row["train/ofd"] > 0
-    extra = Checkpoint.load(tmp_path / "runs" / "ofd" / "last.pt").extra_state
+    extra = Checkpoint.load(run / "last.pt").extra_state
     assert extra and all(k.startswith("connectors.") for k in extra)

@@ -1,13 +1,7 @@
 """RKD: the loss against the authors' code transcribed in float64, hand values, gradients and
 extreme inputs; the pooled features on three CIFAR pairs; training through the method protocol
-(teacher frozen); the refused pair; the shipped configs and the reproduce rows.
-
-The helpers at the top (`build`, `context`, `train_two_steps`, `check_configs`, `check_rows`) are
-shared with the tests of the other baselines of issue 24 (VID, CC, KDSVD)."""
+(teacher frozen); the refused pair; the shipped configs and the reproduce rows."""
 from __future__ import annotations
-
-import glob
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,18 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from kdlab.config import load_config
-from kdlab.errors import ConfigError
 from kdlab.losses.rkd import pairwise_distances, rkd_loss, rkd_terms
-from kdlab.methods import method_class
-from kdlab.methods.base import Batch, Distiller, SetupContext
-from kdlab.models import create_model
 
-ROOT = Path(__file__).resolve().parents[1]
-
-# The three CIFAR pairs of different families that every baseline's shapes are checked on.
-PAIRS = [("resnet32x4", "resnet8x4"), ("resnet32x4", "ShuffleV2"), ("vgg13", "MobileNetV2")]
-SMALL_STUDENTS = ("ShuffleV1", "ShuffleV2", "MobileNetV2")
+from featurekit import (build_pair, check_bf16_step_is_finite, check_cifar_rows, check_refuses_a_model_without_features,
+                        cifar_configs, step_with_features, train_two_steps)
 
 # PAPERS.md section 6: RKD top-1 on CIFAR-100 (the CRD benchmark, RepDistiller README @ b84f547).
 PUBLISHED = {
@@ -36,137 +22,6 @@ PUBLISHED = {
     "vgg13_vgg8": 71.48, "vgg13_MobileNetV2": 64.52, "ResNet50_MobileNetV2": 64.43, "ResNet50_vgg8": 71.50,
     "resnet32x4_ShuffleV1": 72.28, "resnet32x4_ShuffleV2": 73.21, "wrn_40_2_ShuffleV1": 72.21,
 }
-
-
-# ------------------------------------------------------------------ shared helpers
-_MODELS: dict[str, nn.Module] = {}
-
-
-def cifar_model(name: str) -> nn.Module:
-    """A CIFAR-100 model built once per test process (seeded, so every test sees the same
-    weights); methods freeze the teacher and tests train copies of students, never these."""
-    if name not in _MODELS:
-        torch.manual_seed(0)
-        _MODELS[name] = create_model(name, 100)
-    return _MODELS[name]
-
-
-def build(method: str, teacher: str, student: str, classes: int = 100, **cfg) -> Distiller:
-    """The method's distiller for a pair, with a fresh student and a fresh teacher."""
-    import copy
-
-    cls = method_class(method)
-    t, s = ((copy.deepcopy(cifar_model(teacher)), copy.deepcopy(cifar_model(student))) if classes == 100
-            else (create_model(teacher, classes), create_model(student, classes)))
-    torch.manual_seed(0)
-    return cls(s, t, cls.Config(**cfg), input_size=(3, 32, 32), num_classes=classes)
-
-
-def context(n: int = 32, classes: int = 100) -> SetupContext:
-    return SetupContext(train_set=range(n), num_train_samples=n, num_classes=classes,
-                        data_cfg=load_config(data={"model": {"name": "resnet8"}}).data, seed=0,
-                        device=torch.device("cpu"), run_dir=None)
-
-
-def train_two_steps(d: Distiller, terms: set[str], classes: int = 100, batch_size: int = 4) -> list:
-    """Two SGD steps through the protocol as the engine takes them; checks the loss terms, that
-    the teacher (weights and batch-norm statistics) stays as it was and gets no gradient, and
-    that the student learns. Returns each step's StepOutput."""
-    d.setup(context(classes=classes))
-    trainable = {id(p) for p in d.trainable_parameters()}
-    assert not any(id(p) in trainable for p in d.teacher.parameters())
-    teacher_before = {k: v.clone() for k, v in d.teacher.state_dict().items()}
-    student_before = {k: v.clone() for k, v in d.student.state_dict().items()}
-    opt = torch.optim.SGD(d.trainable_parameters(), lr=0.01, momentum=0.9)
-    g = torch.Generator().manual_seed(1)
-    d.train()
-    outputs = []
-    for step in (1, 2):
-        batch = Batch(torch.randn(batch_size, 3, 32, 32, generator=g),
-                      torch.randint(0, classes, (batch_size,), generator=g), indices=torch.arange(batch_size))
-        out = d(batch, step)  # through forward, as the engine (and DDP) call it
-        assert set(out.losses) == terms and out.logits.shape == (batch_size, classes)
-        assert all(torch.isfinite(v) for v in out.losses.values())
-        opt.zero_grad()
-        sum(out.losses.values()).backward()
-        assert all(p.grad is None for p in d.teacher.parameters())
-        opt.step()
-        outputs.append(out)
-    for k, v in d.teacher.state_dict().items():
-        torch.testing.assert_close(v, teacher_before[k])
-    assert any(not torch.equal(v, student_before[k]) for k, v in d.student.state_dict().items())
-    assert not d.teacher.training
-    return outputs
-
-
-def config_paths(method: str) -> list[str]:
-    paths = sorted(glob.glob(str(ROOT / "configs" / "cifar100" / method / "*.yaml")))
-    assert {Path(p).stem for p in paths} == set(PUBLISHED)  # the 13 pairs of the CRD table
-    return paths
-
-
-def check_recipe(cfg, path: str, method: str) -> None:
-    """The CRD benchmark's recipe, teacher and naming, shared by every baseline config."""
-    assert cfg.method.name == method and cfg.name == f"{method}_{Path(path).stem}"
-    assert f"{cfg.teacher.name}_{cfg.model.name}" == Path(path).stem
-    assert cfg.teacher.checkpoint == f"runs/teacher_{cfg.teacher.name}/last.pt"
-    assert (ROOT / "configs" / "cifar100" / "teachers" / f"{cfg.teacher.name}.yaml").is_file()
-    assert cfg.optim.lr == (0.01 if cfg.model.name in SMALL_STUDENTS else 0.05) and cfg.data.batch_size == 64
-    assert cfg.train.epochs == 240 and cfg.schedule.milestones == [150, 180, 210]
-
-
-def check_rows(method: str, published: dict[str, float | None]) -> None:
-    from kdlab.reproduce.table import load_rows
-
-    rows = {r.id: r for r in load_rows() if r.method == method}
-    assert {i.split("/")[-1] for i in rows} == set(published)
-    for pair, number in published.items():
-        row = rows[f"{method}/cifar100/{pair}"]
-        assert row.published == number and row.metric == "top1" and row.dataset == "cifar100"
-        assert row.config == f"configs/cifar100/{method}/{pair}.yaml" and (ROOT / row.config).is_file()
-        assert (ROOT / row.teacher_config).is_file()
-        assert "PAPERS.md section 6" in row.note
-
-
-class Plain(nn.Module):
-    """A classifier without stage features."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(3 * 32 * 32, 10)
-
-    def forward(self, x):
-        return self.fc(x.flatten(1))
-
-
-def check_refuses_a_model_without_features(method: str) -> None:
-    """One ConfigError naming the method and the pair, for a teacher or a student without
-    stage features."""
-    cls = method_class(method)
-    with pytest.raises(ConfigError, match=rf"method {method} cannot distil CifarResNet -> Plain: .*features=True"):
-        cls(Plain(), create_model("resnet8", 10), cls.Config())
-    with pytest.raises(ConfigError, match=rf"method {method} cannot distil Plain -> CifarResNet: .*features=True"):
-        cls(create_model("resnet8", 10), Plain(), cls.Config())
-
-
-def check_mixed_precision_step(method: str) -> None:
-    """A bf16-autocast step gives finite float32 loss terms."""
-    d = build(method, "resnet8", "resnet8", classes=10)
-    d.train()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = d.forward_train(Batch(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))), 1)
-    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in out.losses.values())
-
-
-def step_with_features(d: Distiller, batch_size: int = 4):
-    """One training-mode step of `d`, and both networks' features of the same batch."""
-    d.train()
-    x = torch.randn(batch_size, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    out = d.forward_train(Batch(x, torch.arange(batch_size)), 1)
-    with torch.no_grad():
-        _, tf = d.teacher(x, features=True)
-        _, sf = d.student(x, features=True)
-    return out, sf, tf
 
 
 # ------------------------------------------------------------------ the reference
@@ -311,7 +166,7 @@ def test_refuses_batches_of_different_sizes():
 def test_the_reference_features_on_three_pairs(teacher, student, dims):
     """RepDistiller feeds feat[-1] (mdistiller pooled_feat): the pooled vector of each network,
     here of the widths those codes give; the loss term is the reference loss of those."""
-    d = build("rkd", teacher, student)
+    d = build_pair("rkd", teacher, student)
     assert d.needs_teacher_features and not list(d.extra_state_dict())  # no connector
     out, sf, tf = step_with_features(d, 4)
     assert (tf.pooled.shape[1], sf.pooled.shape[1]) == dims
@@ -322,7 +177,7 @@ def test_the_reference_features_on_three_pairs(teacher, student, dims):
 
 
 def test_trains_through_the_protocol_with_the_teacher_frozen():
-    d = build("rkd", "resnet8", "resnet8", classes=10, rkd_weight=2.0, distance_weight=1.0, angle_weight=3.0)
+    d = build_pair("rkd", "resnet8", "resnet8", classes=10, rkd_weight=2.0, distance_weight=1.0, angle_weight=3.0)
     out = train_two_steps(d, {"ce", "rkd"}, classes=10)[0]
     torch.testing.assert_close(out.losses["rkd"], 2.0 * (out.stats["rkd_distance"] + 3.0 * out.stats["rkd_angle"]))
 
@@ -332,18 +187,16 @@ def test_refuses_a_pair_without_features():
 
 
 def test_mixed_precision_step_is_finite():
-    check_mixed_precision_step("rkd")
+    check_bf16_step_is_finite("rkd")
 
 
 # ------------------------------------------------------------------ configs and rows
 def test_every_config_loads_with_the_reference_settings():
-    for path in config_paths("rkd"):
-        cfg = load_config(path)
-        check_recipe(cfg, path, "rkd")
+    for cfg in cifar_configs("rkd", PUBLISHED):
         m = cfg.method
         assert (m.ce_weight, m.rkd_weight, m.distance_weight, m.angle_weight, m.squared, m.eps) == (
             1.0, 1.0, 25.0, 50.0, False, 1e-12)
 
 
 def test_reproduce_rows_carry_the_published_numbers():
-    check_rows("rkd", PUBLISHED)
+    check_cifar_rows("rkd", PUBLISHED)

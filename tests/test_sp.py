@@ -15,7 +15,7 @@ from kdlab.models import create_model
 
 from featurekit import (THREE_PAIRS, Plain, build, check_bf16_step_is_finite, check_cifar_configs,
                         check_cifar_rows, check_trains_end_to_end, check_trains_with_the_teacher_frozen,
-                        cifar_models, features)
+                        check_wrn_uses_the_raw_residual_sums, cifar_models, features)
 
 # PAPERS.md section 6: SP top-1 on CIFAR-100 (the CRD benchmark, RepDistiller README @ b84f547).
 PUBLISHED = {
@@ -130,15 +130,8 @@ def test_the_last_stage_of_the_reference_on_three_pairs(models, teacher, student
 
 def test_wrn_uses_the_raw_residual_sum():
     """The references' WRN feats[-2] is block3's raw output, not relu(bn(.)) before pooling."""
-    torch.manual_seed(0)
-    d = build("sp", create_model("wrn_16_2", 10), create_model("wrn_16_1", 10), classes=10)
-    images = torch.randn(4, 3, 32, 32)
-    out = d.forward_train(Batch(images, torch.tensor([1, 2, 3, 4])), 1)
-    tf, sf = features(d, images)
-    raw = reference_similarity_loss(sf.raw_stages[-1], tf.raw_stages[-1])[0]
-    activated = reference_similarity_loss(sf.stages[-1], tf.stages[-1])[0]
-    assert not torch.allclose(raw, activated)
-    torch.testing.assert_close(out.stats["sp_loss"], raw)
+    check_wrn_uses_the_raw_residual_sums("sp", lambda s, t: reference_similarity_loss(s, t)[0], "sp_loss",
+                                         teacher="wrn_16_1", last_only=True, n=4)
 
 
 def test_other_stages(models):

@@ -12,20 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from kdlab.config import load_config
 from kdlab.losses.vid import initial_log_scale, match_spatial, vid_nll, vid_variance
 from kdlab.methods.vid import VIDHead
 
-try:
-    from tests.test_rkd import (
-        build, check_mixed_precision_step, check_recipe, check_refuses_a_model_without_features,
-        check_rows, config_paths, step_with_features, train_two_steps,
-    )
-except ImportError:  # pytest's rootdir-relative import mode
-    from test_rkd import (  # type: ignore[no-redef]
-        build, check_mixed_precision_step, check_recipe, check_refuses_a_model_without_features,
-        check_rows, config_paths, step_with_features, train_two_steps,
-    )
+from featurekit import (build_pair, check_bf16_step_is_finite, check_cifar_rows, check_refuses_a_model_without_features,
+                        cifar_configs, step_with_features, train_teacher_then, train_two_steps)
 
 # PAPERS.md section 6: VID top-1 on CIFAR-100 (the CRD benchmark, RepDistiller README @ b84f547).
 PUBLISHED = {
@@ -165,7 +156,7 @@ REFERENCE_CHANNELS = {
 
 @pytest.mark.parametrize("teacher, student", list(REFERENCE_CHANNELS))
 def test_the_reference_stages_and_regressors_on_three_pairs(teacher, student):
-    d = build("vid", teacher, student)
+    d = build_pair("vid", teacher, student)
     shapes = [(h.regressor[0].in_channels, h.regressor[0].out_channels) for h in d.heads]
     assert shapes == REFERENCE_CHANNELS[(teacher, student)]
     for h in d.heads:
@@ -183,13 +174,13 @@ def test_the_reference_stages_and_regressors_on_three_pairs(teacher, student):
 
 
 def test_unequal_stage_counts_pair_from_the_first_stage():
-    d = build("vid", "vgg13", "resnet8x4")  # 4 teacher stages, 3 student stages: RepDistiller's zip
+    d = build_pair("vid", "vgg13", "resnet8x4")  # 4 teacher stages, 3 student stages: RepDistiller's zip
     assert [(h.regressor[0].in_channels, h.regressor[0].out_channels) for h in d.heads] == [
         (64, 128), (128, 256), (256, 512)]
 
 
 def test_trains_through_the_protocol_with_the_teacher_frozen():
-    d = build("vid", "resnet8", "resnet8", classes=10)
+    d = build_pair("vid", "resnet8", "resnet8", classes=10)
     alpha_before = [h.log_scale.detach().clone() for h in d.heads]
     regressor_before = [h.regressor[0].weight.detach().clone() for h in d.heads]
     assert all(k.startswith("heads.") for k in d.extra_state_dict()) and len(d.heads) == 3
@@ -203,7 +194,7 @@ def test_trains_through_the_protocol_with_the_teacher_frozen():
 
 
 def test_mdistillers_fixed_variance():
-    d = build("vid", "resnet8", "resnet8", classes=10, learn_variance=False)
+    d = build_pair("vid", "resnet8", "resnet8", classes=10, learn_variance=False)
     assert all(not isinstance(h.log_scale, nn.Parameter) for h in d.heads)
     assert any(k.endswith("log_scale") for k in d.extra_state_dict())  # still checkpointed
     train_two_steps(d, {"ce", "vid"}, classes=10)
@@ -216,36 +207,29 @@ def test_refuses_a_pair_without_features():
 
 
 def test_mixed_precision_step_is_finite():
-    check_mixed_precision_step("vid")
+    check_bf16_step_is_finite("vid")
 
 
 # ------------------------------------------------------------------ configs and rows
 def test_every_config_loads_with_the_reference_settings():
-    for path in config_paths("vid"):
-        cfg = load_config(path)
-        check_recipe(cfg, path, "vid")
+    for cfg in cifar_configs("vid", PUBLISHED):
         m = cfg.method
         assert (m.ce_weight, m.vid_weight, m.init_variance, m.eps, m.learn_variance) == (1.0, 1.0, 5.0, 1e-5, True)
 
 
 def test_reproduce_rows_carry_the_published_numbers():
-    check_rows("vid", PUBLISHED)
+    check_cifar_rows("vid", PUBLISHED)
 
 
 @pytest.mark.slow
 def test_trains_end_to_end_through_the_engine(make_config, tmp_path):
     """`kdlab train` with method vid: the term is logged and the regressors and variances are
     checkpointed."""
-    import json
+    from kdlab.engine.checkpoint import Checkpoint  # lazy: only this test reads a checkpoint
 
-    from kdlab.engine.checkpoint import Checkpoint
-    from kdlab.engine.trainer import Trainer
-
-    Trainer(load_config(data=make_config(name="teacher"))).fit()
-    teacher = {"name": "resnet8", "checkpoint": str(tmp_path / "runs" / "teacher" / "last.pt")}
-    Trainer(load_config(data=make_config(name="vid", teacher=teacher, method={"name": "vid"}))).fit()
-    row = json.loads((tmp_path / "runs" / "vid" / "metrics.jsonl").read_text().splitlines()[-1])
+    rows, run = train_teacher_then({"name": "vid"}, make_config, tmp_path)
+    row = rows[-1]
     assert row["train/vid"] == pytest.approx(row["stat/vid_nll"]) and row["stat/vid_variance"] < 5.0
-    extra = Checkpoint.load(tmp_path / "runs" / "vid" / "last.pt").extra_state
+    extra = Checkpoint.load(run / "last.pt").extra_state
     assert {k.split(".")[-1] for k in extra} == {"weight", "log_scale"}
     assert sum(k.endswith("log_scale") for k in extra) == 3

@@ -14,7 +14,7 @@ owned by the method (`kdlab.methods.phases`):
   `-b 1` multiplies nothing). The connectors get no gradient, so they stay as trained.
 
 A connector is the identity where the two stages have the same channels and size, else the
-reference's `ConvReg` without its ReLU (conv and batch norm, `kdlab.methods.fitnet.ConvRegressor`
+reference's `ConvReg` without its ReLU (conv and batch norm, `kdlab.methods.connectors.ConvRegressor`
 rules). The two networks need the same number of stages; any other pair is a ConfigError.
 """
 from __future__ import annotations
@@ -30,9 +30,10 @@ from kdlab.losses import cross_entropy
 from kdlab.losses.ab import ab_loss
 from kdlab.methods import register_method
 from kdlab.methods.base import Batch, StepOutput
-from kdlab.methods.fitnet import ConvRegressor
+from kdlab.methods.connectors import ConvRegressor
 from kdlab.methods.phases import InitPhaseConfig, PhasedDistiller
-from kdlab.models import StageInfo, feature_info
+from kdlab.methods.stages import model_name, probe_pair
+from kdlab.models import StageInfo
 
 
 class ABConfig(InitPhaseConfig):
@@ -71,11 +72,11 @@ class AB(PhasedDistiller):
     def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg: MethodConfig, *,
                  input_size: tuple[int, int, int] = (3, 32, 32), num_classes: int | None = None) -> None:
         super().__init__(student, teacher, cfg, input_size=input_size, num_classes=num_classes)
-        s = feature_info(student, self.input_size).preact_stages  # type: ignore[arg-type]
-        t = feature_info(teacher, self.input_size).preact_stages  # type: ignore[arg-type]
+        s_info, t_info = probe_pair("ab", student, teacher, self.input_size)
+        s, t = s_info.preact_stages, t_info.preact_stages
         if len(s) != len(t):
             raise ConfigError(
-                f"AB cannot serve {type(teacher).__name__} -> {type(student).__name__}: it connects every stage, "
+                f"AB cannot serve {model_name(teacher)} -> {model_name(student)}: it connects every stage, "
                 f"but the student has {len(s)} stages and the teacher {len(t)}; use a pair with equal stage counts"
             )
         self.connectors = nn.ModuleList(ab_connector(a, b, i + 1) for i, (a, b) in enumerate(zip(s, t)))

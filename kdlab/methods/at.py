@@ -14,19 +14,18 @@ No trainable extras: attention maps compare across channel counts without a conn
 """
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Literal
 
 from pydantic import NonNegativeFloat, PositiveFloat, PositiveInt
 from torch import Tensor, nn
 
 from kdlab.config.schema import MethodConfig
-from kdlab.errors import ConfigError
 from kdlab.losses import cross_entropy
 from kdlab.losses.at import at_loss
 from kdlab.methods import register_method
 from kdlab.methods.base import Batch, Distiller, StepOutput
 from kdlab.methods.kd import teacher_target_confidence
-from kdlab.models import StageInfo, feature_info
+from kdlab.methods.stages import paired_stages, probe_pair
 
 
 class ATConfig(MethodConfig):
@@ -40,40 +39,6 @@ class ATConfig(MethodConfig):
     teacher_stages: list[PositiveInt] | None = None  # paired in order with student_stages
 
 
-def describe_stages(model: nn.Module, stages: Sequence[StageInfo]) -> str:
-    """`Name (3 stages: 64x32x32, ...)`, to name a model in an error."""
-    name = getattr(model, "label", None) or type(model).__name__
-    shapes = ", ".join(f"{s.channels}x{s.height}x{s.width}" for s in stages)
-    return f"{name} ({len(stages)} stages: {shapes or 'none'})"
-
-
-def paired_stages(method: str, student: nn.Module, teacher: nn.Module, student_stages: list[int] | None,
-                  teacher_stages: list[int] | None, input_size: tuple[int, ...]) -> tuple[list[int], list[int]]:
-    """0-based indices into both networks' `raw_stages`, paired one to one: the chosen lists,
-    or every stage of each when a list is null. A ConfigError names the pair and why when a
-    stage does not exist or the two lists differ in length."""
-    s_info = feature_info(student, tuple(input_size)).raw_stages  # type: ignore[arg-type]
-    t_info = feature_info(teacher, tuple(input_size)).raw_stages  # type: ignore[arg-type]
-    pair = f"student {describe_stages(student, s_info)}, teacher {describe_stages(teacher, t_info)}"
-    chosen = []
-    for role, info, picked in (("student", s_info, student_stages), ("teacher", t_info, teacher_stages)):
-        numbers = list(range(1, len(info) + 1)) if picked is None else list(picked)
-        bad = [i for i in numbers if not 1 <= i <= len(info)]
-        if bad or not numbers:
-            raise ConfigError(
-                f"{method}: method.{role}_stages={picked} is not a non-empty list of the {role}'s stages "
-                f"({pair}); choose stages from 1..{len(info)}"
-            )
-        chosen.append([i - 1 for i in numbers])
-    if len(chosen[0]) != len(chosen[1]):
-        raise ConfigError(
-            f"{method} pairs the student's and the teacher's stages one to one, but it would pair "
-            f"{len(chosen[0])} student stages with {len(chosen[1])} teacher stages ({pair}); set "
-            "method.student_stages and method.teacher_stages to lists of equal length"
-        )
-    return chosen[0], chosen[1]
-
-
 @register_method("at")
 class AT(Distiller):
     """Attention transfer: the student's normalised spatial attention maps follow the teacher's."""
@@ -85,8 +50,10 @@ class AT(Distiller):
                  input_size: tuple[int, int, int] = (3, 32, 32), num_classes: int | None = None) -> None:
         super().__init__(student, teacher, cfg, input_size=input_size, num_classes=num_classes)
         c: ATConfig = cfg  # type: ignore[assignment]
+        s_info, t_info = probe_pair("at", student, teacher, self.input_size)
         self.student_indices, self.teacher_indices = paired_stages(
-            "AT", student, teacher, c.student_stages, c.teacher_stages, self.input_size)
+            "AT", student, teacher, s_info.raw_stages, t_info.raw_stages, c.student_stages, c.teacher_stages,
+            unchosen="every")
 
     def pairs(self, s_feats: list[Tensor], t_feats: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
         return [(s_feats[i], t_feats[j]) for i, j in zip(self.student_indices, self.teacher_indices)]
@@ -107,4 +74,4 @@ class AT(Distiller):
         return StepOutput(logits, losses, stats)
 
 
-__all__ = ["AT", "ATConfig", "describe_stages", "paired_stages"]
+__all__ = ["AT", "ATConfig"]

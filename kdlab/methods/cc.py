@@ -21,7 +21,7 @@ from kdlab.losses.cc import cc_loss
 from kdlab.methods import register_method
 from kdlab.methods.base import Batch, Distiller, StepOutput
 from kdlab.methods.kd import teacher_target_confidence
-from kdlab.methods.rkd import probe_pair
+from kdlab.methods.stages import probe_pair
 
 
 class CCConfig(MethodConfig):

@@ -19,15 +19,15 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import NonNegativeFloat, PositiveInt
-from torch import Tensor, nn
+from torch import nn
 
 from kdlab.config.schema import MethodConfig
-from kdlab.errors import ConfigError
 from kdlab.losses import cross_entropy, hint_loss
 from kdlab.methods import register_method
 from kdlab.methods.base import Batch, Distiller, StepOutput
+from kdlab.methods.connectors import ConvRegressor
 from kdlab.methods.kd import teacher_target_confidence
-from kdlab.models import StageInfo, feature_info
+from kdlab.methods.stages import stage_shape
 
 
 class FitNetConfig(MethodConfig):
@@ -38,54 +38,6 @@ class FitNetConfig(MethodConfig):
     hint_weight: NonNegativeFloat = 100.0
     hint_stage: PositiveInt = 2  # the teacher's stage whose output is the hint (1 = first stage)
     guided_stage: PositiveInt | None = None  # the student's stage regressed onto it; null: = hint_stage
-
-
-class ConvRegressor(nn.Module):
-    """The hint regressor of the reference code (RepDistiller / mdistiller `ConvReg`):
-    conv -> batch norm -> ReLU from the student's (C_s, H_s, W_s) map to the teacher's
-    (C_t, H_t, W_t). The conv depends on the sizes:
-
-        H_s = 2 H_t            3x3, stride 2, padding 1
-        2 H_s = H_t            4x4 transposed, stride 2, padding 1
-        H_s >= H_t otherwise   valid conv of kernel (1 + H_s - H_t, 1 + W_s - W_t) (1x1 if equal)
-
-    The reference decides on heights alone; here both sides must agree (square CIFAR maps
-    behave identically), and any other pair of sizes is a ConfigError.
-    """
-
-    def __init__(self, student: StageInfo, teacher: StageInfo) -> None:
-        super().__init__()
-        (cs, hs, ws), (ct, ht, wt) = (student.channels, student.height, student.width), (
-            teacher.channels, teacher.height, teacher.width)
-        if (hs, ws) == (2 * ht, 2 * wt):
-            self.conv: nn.Module = nn.Conv2d(cs, ct, kernel_size=3, stride=2, padding=1)
-        elif (2 * hs, 2 * ws) == (ht, wt):
-            self.conv = nn.ConvTranspose2d(cs, ct, kernel_size=4, stride=2, padding=1)
-        elif hs >= ht and ws >= wt:
-            self.conv = nn.Conv2d(cs, ct, kernel_size=(1 + hs - ht, 1 + ws - wt))
-        else:
-            raise ConfigError(
-                f"FitNet cannot regress a {cs}x{hs}x{ws} student map onto a {ct}x{ht}x{wt} teacher map: "
-                "the regressor maps a student map of twice, half, the same or a larger size than the "
-                "teacher's; choose method.guided_stage / method.hint_stage with compatible sizes"
-            )
-        self.bn = nn.BatchNorm2d(ct)
-        self.relu = nn.ReLU()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.relu(self.bn(self.conv(x)))
-
-
-def stage_shape(model: nn.Module, role: str, stage: int, option: str, input_size: tuple[int, ...]) -> StageInfo:
-    """Shape of `model`'s raw stage `stage` (1-based), from one dummy forward, or a ConfigError."""
-    stages = feature_info(model, tuple(input_size)).raw_stages  # type: ignore[arg-type]
-    if not 1 <= stage <= len(stages):
-        shapes = ", ".join(f"{i + 1}: {s.channels}x{s.height}x{s.width}" for i, s in enumerate(stages))
-        raise ConfigError(
-            f"method.{option}={stage} is not a stage of the {role} ({type(model).__name__}), whose "
-            f"stages are {shapes or 'none'}; choose one of 1..{len(stages)}"
-        )
-    return stages[stage - 1]
 
 
 @register_method("fitnet")
@@ -123,4 +75,4 @@ class FitNet(Distiller):
         return StepOutput(logits, losses, stats)
 
 
-__all__ = ["ConvRegressor", "FitNet", "FitNetConfig", "stage_shape"]
+__all__ = ["ConvRegressor", "FitNet", "FitNetConfig"]

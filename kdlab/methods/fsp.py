@@ -32,6 +32,7 @@ from kdlab.losses.fsp import fsp_loss
 from kdlab.methods import register_method
 from kdlab.methods.base import Batch, StepOutput
 from kdlab.methods.phases import InitPhaseConfig, PhasedDistiller
+from kdlab.methods.stages import model_name
 from kdlab.models import feature_info
 
 
@@ -62,7 +63,7 @@ def fsp_channels(model: nn.Module, input_size: tuple[int, int, int]) -> list[int
 
 def check_fsp_pair(student: nn.Module, teacher: nn.Module, input_size: tuple[int, int, int]) -> None:
     """ConfigError unless the two networks' stem + stage channel counts are equal."""
-    pair = f"{type(teacher).__name__} -> {type(student).__name__}"
+    pair = f"{model_name(teacher)} -> {model_name(student)}"
     s, t = fsp_channels(student, input_size), fsp_channels(teacher, input_size)
     if s is None or t is None:
         raise ConfigError(f"FSP cannot serve {pair}: the {'student' if s is None else 'teacher'} reports no "

@@ -32,7 +32,7 @@ from kdlab.losses.ft import ft_loss, reconstruction_loss
 from kdlab.methods import register_method
 from kdlab.methods.base import Batch, StepOutput
 from kdlab.methods.phases import InitPhaseConfig, PhasedDistiller
-from kdlab.models import feature_info
+from kdlab.methods.stages import probe_pair
 
 
 class FTConfig(InitPhaseConfig):
@@ -86,8 +86,8 @@ class FT(PhasedDistiller):
                  input_size: tuple[int, int, int] = (3, 32, 32), num_classes: int | None = None) -> None:
         super().__init__(student, teacher, cfg, input_size=input_size, num_classes=num_classes)
         c: FTConfig = cfg  # type: ignore[assignment]
-        s = feature_info(student, self.input_size).raw_stages[-1]  # type: ignore[arg-type]
-        t = feature_info(teacher, self.input_size).raw_stages[-1]  # type: ignore[arg-type]
+        s_info, t_info = probe_pair("ft", student, teacher, self.input_size)
+        s, t = s_info.raw_stages[-1], t_info.raw_stages[-1]
         factor_channels = int(t.channels * c.rate)
         if factor_channels < 1:
             raise ConfigError(

@@ -24,7 +24,7 @@ from kdlab.losses.kdsvd import KDSVD_K, kdsvd_loss
 from kdlab.methods import register_method
 from kdlab.methods.base import Batch, Distiller, StepOutput
 from kdlab.methods.kd import teacher_target_confidence
-from kdlab.methods.rkd import probe_pair
+from kdlab.methods.stages import model_name, probe_pair
 
 
 class KDSVDConfig(MethodConfig):
@@ -46,7 +46,7 @@ class KDSVD(Distiller):
                  input_size: tuple[int, int, int] = (3, 32, 32), num_classes: int | None = None) -> None:
         super().__init__(student, teacher, cfg, input_size=input_size, num_classes=num_classes)
         s_info, t_info = probe_pair("kdsvd", student, teacher, self.input_size)
-        pair = f"{type(teacher).__name__} -> {type(student).__name__}"
+        pair = f"{model_name(teacher)} -> {model_name(student)}"
         stages = list(zip(s_info.raw_stages, t_info.raw_stages))
         if len(stages) < 2:
             raise ConfigError(

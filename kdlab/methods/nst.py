@@ -5,7 +5,7 @@ As in the CIFAR-100 benchmarks kdlab reproduces (RepDistiller `--distill nst -r 
 which uses `feat[1:-1]`, and mdistiller's NST, `feats[1:]`: the same tensors): every stage of
 both networks, paired in order, the tensors those codes list as `feats` (`Features.raw_stages`),
 weight 50, no KD term. Pairing, the refusal of unequal stage counts and the `student_stages` /
-`teacher_stages` options are AT's (`kdlab.methods.at.paired_stages`). No trainable extras: the
+`teacher_stages` options are AT's (`kdlab.methods.stages.paired_stages`). No trainable extras: the
 MMD compares channel sets of any sizes.
 """
 from __future__ import annotations
@@ -19,9 +19,9 @@ from kdlab.config.schema import MethodConfig
 from kdlab.losses import cross_entropy
 from kdlab.losses.nst import nst_loss
 from kdlab.methods import register_method
-from kdlab.methods.at import paired_stages
 from kdlab.methods.base import Batch, Distiller, StepOutput
 from kdlab.methods.kd import teacher_target_confidence
+from kdlab.methods.stages import paired_stages, probe_pair
 
 
 class NSTConfig(MethodConfig):
@@ -46,8 +46,10 @@ class NST(Distiller):
                  input_size: tuple[int, int, int] = (3, 32, 32), num_classes: int | None = None) -> None:
         super().__init__(student, teacher, cfg, input_size=input_size, num_classes=num_classes)
         c: NSTConfig = cfg  # type: ignore[assignment]
+        s_info, t_info = probe_pair("nst", student, teacher, self.input_size)
         self.student_indices, self.teacher_indices = paired_stages(
-            "NST", student, teacher, c.student_stages, c.teacher_stages, self.input_size)
+            "NST", student, teacher, s_info.raw_stages, t_info.raw_stages, c.student_stages, c.teacher_stages,
+            unchosen="every")
 
     def forward_train(self, batch: Batch, epoch: int) -> StepOutput:
         cfg: NSTConfig = self.cfg  # type: ignore[assignment]

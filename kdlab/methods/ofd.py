@@ -40,7 +40,7 @@ from kdlab.losses.ofd import ofd_loss, ofd_margin
 from kdlab.methods import register_method
 from kdlab.methods.base import Batch, Distiller, StepOutput
 from kdlab.methods.kd import teacher_target_confidence
-from kdlab.models import StageInfo, feature_info
+from kdlab.methods.stages import model_name, paired_stages, probe_pair
 from kdlab.models.preact_bn import bn_before_relu
 
 
@@ -65,35 +65,6 @@ def connector(student_channels: int, teacher_channels: int, kernel: int) -> nn.S
     nn.init.ones_(bn.weight)
     nn.init.zeros_(bn.bias)
     return nn.Sequential(conv, bn)
-
-
-def _model_name(model: nn.Module) -> str:
-    return getattr(model, "label", None) or type(model).__name__
-
-
-def aligned_stages(student: Sequence[StageInfo], teacher: Sequence[StageInfo], student_stages: list[int] | None,
-                   teacher_stages: list[int] | None, pair: str) -> tuple[list[int], list[int]]:
-    """0-based stage indices of both networks, paired in order: the chosen 1-based lists, and for a
-    null list the deepest stages, as many as the other side pairs (both null: min of the two counts,
-    the reference's `_align_list`). ConfigError naming the pair for a missing stage or unequal lists."""
-    given = student_stages if student_stages is not None else teacher_stages
-    count = len(given) if given is not None else min(len(student), len(teacher))
-    chosen = []
-    for role, info, picked in (("student", student, student_stages), ("teacher", teacher, teacher_stages)):
-        numbers = list(range(len(info) - count + 1, len(info) + 1)) if picked is None else list(picked)
-        if not numbers or any(not 1 <= i <= len(info) for i in numbers):
-            raise ConfigError(
-                f"OFD: the {role} has stages 1..{len(info)}, so method.{role}_stages="
-                f"{picked if picked is not None else numbers} cannot be distilled ({pair}); choose stages in "
-                f"1..{len(info)} and as many for both networks"
-            )
-        chosen.append([i - 1 for i in numbers])
-    if len(chosen[0]) != len(chosen[1]):
-        raise ConfigError(
-            f"OFD pairs student and teacher stages one to one, but method.student_stages={student_stages} and "
-            f"method.teacher_stages={teacher_stages} have different lengths ({pair}); give lists of equal length"
-        )
-    return chosen[0], chosen[1]
 
 
 @contextmanager
@@ -123,7 +94,7 @@ class OFD(Distiller):
                  input_size: tuple[int, int, int] = (3, 32, 32), num_classes: int | None = None) -> None:
         super().__init__(student, teacher, cfg, input_size=input_size, num_classes=num_classes)
         c: OFDConfig = cfg  # type: ignore[assignment]
-        pair = f"student {_model_name(student)}, teacher {_model_name(teacher)}"
+        pair = f"student {model_name(student)}, teacher {model_name(teacher)}"
         if c.connector_kernel % 2 == 0:
             raise ConfigError(f"OFD: method.connector_kernel={c.connector_kernel} must be odd, so that the "
                               "connector keeps the student's spatial size (the reference uses 1)")
@@ -132,10 +103,10 @@ class OFD(Distiller):
         except ConfigError as exc:
             raise ConfigError(f"OFD cannot distil from this teacher ({pair}): its margins come from the batch "
                               f"norm before each teacher stage's ReLU, and {exc}") from None
-        s_info = feature_info(student, tuple(self.input_size)).preact_stages  # type: ignore[arg-type]
-        t_info = feature_info(teacher, tuple(self.input_size)).preact_stages  # type: ignore[arg-type]
-        self.student_indices, self.teacher_indices = aligned_stages(
-            s_info, t_info, c.student_stages, c.teacher_stages, pair)
+        s_feats, t_feats = probe_pair("ofd", student, teacher, self.input_size)
+        s_info, t_info = s_feats.preact_stages, t_feats.preact_stages
+        self.student_indices, self.teacher_indices = paired_stages(
+            "OFD", student, teacher, s_info, t_info, c.student_stages, c.teacher_stages, unchosen="deepest")
         self.connectors = nn.ModuleList(
             connector(s_info[i].channels, t_info[j].channels, c.connector_kernel)
             for i, j in zip(self.student_indices, self.teacher_indices))
@@ -173,4 +144,4 @@ class OFD(Distiller):
         return StepOutput(logits, losses, stats)
 
 
-__all__ = ["OFD", "OFDConfig", "aligned_stages", "batch_statistics", "connector"]
+__all__ = ["OFD", "OFDConfig", "batch_statistics", "connector"]

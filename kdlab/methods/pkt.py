@@ -20,7 +20,7 @@ from kdlab.losses.pkt import pkt_loss
 from kdlab.methods import register_method
 from kdlab.methods.base import Batch, Distiller, StepOutput
 from kdlab.methods.kd import teacher_target_confidence
-from kdlab.models import feature_info
+from kdlab.methods.stages import probe_pair
 
 
 class PKTConfig(MethodConfig):
@@ -42,8 +42,7 @@ class PKT(Distiller):
     def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg: MethodConfig, *,
                  input_size: tuple[int, int, int] = (3, 32, 32), num_classes: int | None = None) -> None:
         super().__init__(student, teacher, cfg, input_size=input_size, num_classes=num_classes)
-        for model in (student, teacher):  # a model without the feature contract: one ConfigError now
-            feature_info(model, self.input_size)  # type: ignore[arg-type]
+        probe_pair("pkt", student, teacher, self.input_size)  # a model without features: one ConfigError now
 
     def forward_train(self, batch: Batch, epoch: int) -> StepOutput:
         cfg: PKTConfig = self.cfg  # type: ignore[assignment]

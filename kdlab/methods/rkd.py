@@ -16,13 +16,12 @@ from pydantic import NonNegativeFloat, PositiveFloat
 from torch import nn
 
 from kdlab.config.schema import MethodConfig
-from kdlab.errors import ConfigError
 from kdlab.losses import cross_entropy
 from kdlab.losses.rkd import PDIST_EPS, rkd_terms
 from kdlab.methods import register_method
 from kdlab.methods.base import Batch, Distiller, StepOutput
 from kdlab.methods.kd import teacher_target_confidence
-from kdlab.models import FeatureInfo, feature_info
+from kdlab.methods.stages import probe_pair
 
 
 class RKDConfig(MethodConfig):
@@ -36,19 +35,6 @@ class RKDConfig(MethodConfig):
     angle_weight: NonNegativeFloat = 50.0
     squared: bool = False  # squared distances in the distance term (mdistiller PDIST.SQUARED)
     eps: PositiveFloat = PDIST_EPS  # clamp of the squared distance before its square root
-
-
-def probe_pair(method: str, student: nn.Module, teacher: nn.Module | None,
-               input_size: tuple[int, ...]) -> tuple[FeatureInfo, FeatureInfo]:
-    """Both networks' feature shapes from one dummy forward each, or one ConfigError that names
-    the method, the pair and why it cannot serve it."""
-    assert teacher is not None
-    names = [getattr(m, "label", None) or type(m).__name__ for m in (teacher, student)]
-    try:
-        return (feature_info(student, tuple(input_size)),  # type: ignore[arg-type]
-                feature_info(teacher, tuple(input_size)))  # type: ignore[arg-type]
-    except ConfigError as exc:
-        raise ConfigError(f"method {method} cannot distil {names[0]} -> {names[1]}: {exc}") from None
 
 
 @register_method("rkd")
@@ -81,4 +67,4 @@ class RKD(Distiller):
         return StepOutput(logits, losses, stats)
 
 
-__all__ = ["RKD", "RKDConfig", "probe_pair"]
+__all__ = ["RKD", "RKDConfig"]

@@ -30,7 +30,7 @@ from kdlab.losses.vid import VID_EPS, VID_INIT_VARIANCE, initial_log_scale, matc
 from kdlab.methods import register_method
 from kdlab.methods.base import Batch, Distiller, StepOutput
 from kdlab.methods.kd import teacher_target_confidence
-from kdlab.methods.rkd import probe_pair
+from kdlab.methods.stages import model_name, probe_pair
 
 
 class VIDConfig(MethodConfig):
@@ -81,7 +81,7 @@ class VID(Distiller):
         s_info, t_info = probe_pair("vid", student, teacher, self.input_size)
         if not (s_info.raw_stages and t_info.raw_stages):
             raise ConfigError(
-                f"method vid cannot distil {type(teacher).__name__} -> {type(student).__name__}: VID "
+                f"method vid cannot distil {model_name(teacher)} -> {model_name(student)}: VID "
                 "matches stage feature maps and one of the two reports none; use convolutional models"
             )
         alpha = initial_log_scale(c.init_variance, c.eps)
