@@ -34,6 +34,11 @@ examples:
   kdlab train CONFIG --overwrite                     # replace the earlier run in that folder
   kdlab eval runs/dkd_resnet32x4_resnet8x4/best.pt
   kdlab cache-teacher CONFIG teacher.cache=PATH      # teacher logits of every crop/flip view, once
+  kdlab -q train CONFIG                              # warnings and errors only, no progress bars
+
+Progress bars are drawn only when stderr is a terminal (a log file gets one line per epoch);
+train.progress=false turns them off everywhere. train.save=last|best|none chooses the checkpoints
+a run keeps (default last: last.pt resumes exactly, best.pt holds the weights only).
 
 'kdlab COMMAND --help' explains each command.
 """
@@ -50,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kdlab", description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors: no progress bars and no per-epoch lines "
+                        "(bars alone: train.progress=false)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in _commands():
         module.register(sub)

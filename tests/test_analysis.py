@@ -22,18 +22,66 @@ def _is_png(path, min_bytes=2000):
     return data[:8] == PNG_MAGIC and len(data) > min_bytes
 
 
+def _probs(confidences, correct):
+    """Two-class probability rows with these max-probabilities, targets right or wrong as given."""
+    p = torch.tensor(confidences, dtype=torch.float64)
+    probs = torch.stack([p, 1 - p], 1)
+    targets = torch.tensor([0 if c else 1 for c in correct])
+    return probs, targets
+
+
 def test_reliability_ece_by_hand():
-    conf = [0.95, 0.95, 0.65, 0.65, 1.0]
-    correct = [1, 0, 1, 1, 1]
-    r = reliability(conf, correct, bins=10)
-    # Bin [0.9, 1.0]: 3 samples, acc 2/3, conf (0.95+0.95+1)/3; bin [0.6, 0.7): 2 samples, acc 1, conf 0.65.
-    gap_hi = abs(2 / 3 - (0.95 + 0.95 + 1.0) / 3)
+    probs, targets = _probs([0.95, 0.95, 0.65, 0.65, 0.99], [1, 0, 1, 1, 1])
+    r = reliability(probs, targets, bins=10)
+    # Bin [0.9, 1.0): 3 samples, acc 2/3, conf (0.95+0.95+0.99)/3; bin [0.6, 0.7): 2 samples, acc 1, conf 0.65.
+    gap_hi = abs(2 / 3 - (0.95 + 0.95 + 0.99) / 3)
     gap_lo = abs(1.0 - 0.65)
     assert r["count"][9] == 3 and r["count"][6] == 2 and sum(r["count"]) == 5
-    assert r["ece"] == pytest.approx(3 / 5 * gap_hi + 2 / 5 * gap_lo)
-    assert r["mce"] == pytest.approx(max(gap_hi, gap_lo))
-    perfect = reliability([0.75] * 4, [1, 1, 1, 0], bins=4)
-    assert perfect["ece"] == pytest.approx(0.0)
+    assert r["ece"] == pytest.approx(3 / 5 * gap_hi + 2 / 5 * gap_lo, abs=1e-6)
+    assert r["mce"] == pytest.approx(max(gap_hi, gap_lo), abs=1e-6)
+    perfect = reliability(*_probs([0.75] * 4, [1, 1, 1, 0]), bins=4)
+    assert perfect["ece"] == pytest.approx(0.0, abs=1e-7)
+    # Logits are softmaxed (torchmetrics' rule: values outside [0, 1] are logits).
+    logits = torch.tensor([[2.0, 0.0], [0.0, 3.0]])
+    assert reliability(logits, torch.tensor([0, 0]), bins=10)["mean_confidence"] == pytest.approx(
+        float(logits.softmax(1).max(1).values.mean()))
+
+
+# The numbers of kdlab's own NumPy ECE/MCE (before torchmetrics computed them), on the logits of
+# `_fixed_logits`, at 15 and 10 bins: the same confidences, bins and gaps, to float32 precision.
+BEFORE_TORCHMETRICS = {
+    15: {"ece": 0.21878242152929306, "mce": 0.7514233663678169, "mean_confidence": 0.6149237261414527,
+         "accuracy_overall": 0.702, "count": [0, 0, 0, 4, 35, 33, 63, 64, 50, 53, 46, 47, 28, 46, 31]},
+    10: {"ece": 0.2145801426768303, "mce": 0.3929312063588036, "mean_confidence": 0.6149237261414527,
+         "accuracy_overall": 0.702, "count": [0, 0, 18, 54, 94, 83, 78, 68, 47, 58]},
+}
+
+
+def _fixed_logits():
+    g = torch.Generator().manual_seed(2025)
+    logits = (torch.randn(500, 10, generator=g) * 2.5).float()
+    wrong = torch.rand(500, generator=g) < 0.35
+    targets = torch.where(wrong, torch.randint(0, 10, (500,), generator=g), logits.argmax(1))
+    return logits, targets
+
+
+@pytest.mark.parametrize("bins", [15, 10])
+def test_calibration_comes_from_torchmetrics_and_equals_the_earlier_numbers(bins):
+    from torchmetrics.classification import MulticlassCalibrationError
+
+    logits, targets = _fixed_logits()
+    r = reliability(logits, targets, bins)
+    before = BEFORE_TORCHMETRICS[bins]
+    assert r["count"] == before["count"]
+    for key in ("ece", "mce", "mean_confidence", "accuracy_overall"):
+        assert r[key] == pytest.approx(before[key], abs=1e-6), key
+    for norm, key in (("l1", "ece"), ("max", "mce")):
+        metric = MulticlassCalibrationError(num_classes=10, n_bins=bins, norm=norm)
+        assert r[key] == float(metric(logits, targets)), key
+    # The diagram's bins are the ones the ECE sums over.
+    share = np.asarray(r["count"]) / 500
+    gaps = np.nan_to_num(np.abs(np.asarray(r["accuracy"]) - np.asarray(r["confidence"])))
+    assert float((share * gaps).sum()) == pytest.approx(r["ece"], abs=1e-6)
 
 
 def test_correlation_difference_matches_definition():

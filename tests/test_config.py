@@ -56,7 +56,7 @@ def test_method_specific_errors(make_config):
     teacher = {"name": "resnet8", "checkpoint": "t.pt"}
     with pytest.raises(ConfigError, match="method.temprature.*did you mean 'method.temperature'"):
         load_config(data=make_config(method={"name": "kd", "temprature": 2}, teacher=teacher))
-    with pytest.raises(ConfigError, match="method.temperature.*greater than 0"):
+    with pytest.raises(ConfigError, match="method.temperature.*finite and at least 0.05"):
         load_config(data=make_config(method={"name": "kd", "temperature": -4}, teacher=teacher))
     with pytest.raises(ConfigError, match="teacher.checkpoint is required"):
         load_config(data=make_config(method={"name": "kd"}, teacher={"name": "resnet8"}))

@@ -60,6 +60,11 @@ def test_kd_run_logs_terms_and_never_touches_the_teacher(make_config, tmp_path):
 
 
 def test_ctrl_c_mid_epoch_saves_and_resume_equals_uninterrupted(make_config, tmp_path, monkeypatch):
+    """Ctrl-C lands inside a step, after the forward pass updated batch norm's running statistics
+    and before the optimizer step: the step completes, the save records it, and the resumed run
+    equals the uninterrupted one in weights, statistics and metrics."""
+    import signal
+
     from kdlab.methods.vanilla import Vanilla
 
     def raw(name):
@@ -71,18 +76,19 @@ def test_ctrl_c_mid_epoch_saves_and_resume_equals_uninterrupted(make_config, tmp
     calls = {"n": 0}
 
     def interrupted(self, batch, epoch):
+        out = original(self, batch, epoch)
         if epoch == 2:
             calls["n"] += 1
             if calls["n"] == 3:
-                raise KeyboardInterrupt  # what Ctrl-C raises
-        return original(self, batch, epoch)
+                signal.raise_signal(signal.SIGINT)  # Ctrl-C, mid-step
+        return out
 
     monkeypatch.setattr(Vanilla, "forward_train", interrupted)
     with pytest.raises(KeyboardInterrupt):
         _fit(raw("cut"))
     monkeypatch.setattr(Vanilla, "forward_train", original)
     saved = Checkpoint.load(tmp_path / "runs" / "cut" / "last.pt")
-    assert saved.epoch == 1 and saved.partial["batches"] == 2
+    assert saved.epoch == 1 and saved.partial["batches"] == 3
     resumed = _fit(raw("cut"), resume=True)
     a = Checkpoint.load(f"{ref.run_dir}/last.pt").model_state
     b = Checkpoint.load(f"{resumed.run_dir}/last.pt").model_state

@@ -50,7 +50,7 @@ def fake_run(folder: Path, *, finished: bool = True, checkpoint: bool = True, co
     if finished:
         (folder / "result.json").write_text(json.dumps({"epochs": 1, "best_epoch": 1, "last_top1": 50.0}))
     (folder / "tb").mkdir(exist_ok=True)
-    (folder / "tb" / "events.out").write_bytes(b"tb")
+    (folder / "tb" / "events.out.tfevents.1.host.1.0").write_bytes(b"tb")
     return folder
 
 
@@ -102,6 +102,7 @@ def test_claim_refuses_untouched_and_names_the_ways_on(tmp_path):
     assert "kdlab train c.yaml --resume" in str(info.value) and "last.pt, best.pt; finished" in str(info.value)
     folder.claim(resume=True)
     folder.claim(resume="other/last.pt")
+    folder.release()  # the claim's lock file goes with the lock (tests/test_run_safety.py)
     assert snapshot(folder.path) == before
     with pytest.raises(KDLabError, match="contradict"):
         folder.claim(resume=True, overwrite=True)
@@ -117,6 +118,7 @@ def test_overwrite_clears_the_run_and_claiming_twice_is_harmless(tmp_path):
     (folder.path / "nested_run").mkdir()
     (folder.path / "nested_run" / "last.pt").write_bytes(b"another run")
     folder.claim(overwrite=True)
+    folder.release()
     assert sorted(p.name for p in folder.path.iterdir()) == ["nested_run"]  # files and tb/ gone, sub-runs kept
     assert not folder.holds_run()
     folder.claim(overwrite=True)  # the trainer claims again after the command: nothing happens
@@ -229,16 +231,18 @@ def test_train_end_to_end_refuse_resume_overwrite(tmp_path, make_config, capsys)
         assert main(["train", str(path), *extra]) == 2
         assert_refused(capsys.readouterr().err, run)
         assert snapshot(run) == first
-    # --resume with more epochs continues the run: epoch 1 kept, epoch 2 added.
-    epoch1 = (run / "metrics.jsonl").read_text().splitlines()[0]
-    assert main(["train", str(path), "train.epochs=2", "--resume"]) == 0
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    assert lines[0] == epoch1 and json.loads(lines[1])["epoch"] == 2
-    # --overwrite deletes the earlier run first: a fresh one-epoch run, nothing of the old left.
-    (run / "stale_record.json").write_text("{}")
-    assert main(["train", str(path), "--overwrite"]) == 0
-    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1 and not (run / "stale_record.json").exists()
-    assert json.loads((run / "result.json").read_text())["epochs"] == 1
+    # --resume of the finished run: it stays finished; with more epochs: refused (another
+    # schedule, tests/test_run_safety.py), the run untouched.
+    assert main(["train", str(path), "--resume"]) == 0
+    assert snapshot(run) == first
+    assert main(["train", str(path), "train.epochs=2", "--resume"]) == 2
+    assert "train.epochs: 1 -> 2" in capsys.readouterr().err and snapshot(run) == first
+    # --overwrite deletes the earlier run first (the files kdlab wrote, not the user's own).
+    (run / "label_noise.json").write_text("{}")
+    (run / "notes.txt").write_text("mine")
+    assert main(["train", str(path), "train.epochs=2", "--overwrite"]) == 0
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2 and not (run / "label_noise.json").exists()
+    assert json.loads((run / "result.json").read_text())["epochs"] == 2 and (run / "notes.txt").read_text() == "mine"
 
 
 def test_train_seeds_end_to_end(tmp_path, make_config, capsys):
@@ -291,9 +295,9 @@ def test_generations_end_to_end(tmp_path, make_config, capsys):
     after = snapshot(root)
     assert all(after[k] == v for k, v in first.items() if k.startswith("gen") and k.endswith(".pt"))
     # --overwrite: the old chain is deleted, then trained again.
-    (root / "gen0/stale_record.json").write_text("{}")
+    (root / "gen0/label_noise.json").write_text("{}")  # a record kdlab writes
     assert main(["-q", "generations", str(path), "--overwrite"]) == 0
-    assert not (root / "gen0/stale_record.json").exists() and (root / "gen1/result.json").is_file()
+    assert not (root / "gen0/label_noise.json").exists() and (root / "gen1/result.json").is_file()
 
 
 def _reproduce_rows(tmp_path, make_config, monkeypatch):
@@ -334,9 +338,9 @@ def test_reproduce_end_to_end(tmp_path, make_config, monkeypatch, capsys):
     assert main(["-q", *command, "--resume"]) == 0  # finished runs reused: only read
     assert snapshot(runs) == first
     assert "measured" in capsys.readouterr().out
-    (runs / "kd/stale_record.json").write_text("{}")
+    (runs / "kd/label_noise.json").write_text("{}")  # a record kdlab writes
     assert main(["-q", *command, "--overwrite"]) == 0  # the row retrains; its finished teacher is reused
-    assert not (runs / "kd/stale_record.json").exists()
+    assert not (runs / "kd/label_noise.json").exists()
     assert snapshot(runs / "t") == {k[2:]: v for k, v in first.items() if k.startswith("t/")}
 
 

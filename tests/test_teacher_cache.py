@@ -213,12 +213,13 @@ def test_a_transform_whose_draws_cannot_be_replayed_is_refused(env, monkeypatch)
 
 
 def test_images_larger_than_the_crop_are_refused(env, tmp_path):
-    # RandomCrop(32, padding=4) of 40x40 images has 17 x 17 offsets, not the 9 x 9 cached.
+    # RandomCrop(32, padding=4) of 40x40 images has 17 x 17 offsets, not the 9 x 9 cached; the
+    # ImageFolder itself refuses them first (the cifar transform takes images of data.image_size).
     write_imagefolder(tmp_path / "big", 2, 2, size=40)
     teacher = write_teacher(tmp_path / "t2.pt", env.tiny, num_classes=2)
     cfg = load_config(data=env.config(teacher={"checkpoint": str(teacher)}, data={
         "name": "imagefolder", "root": str(tmp_path / "big"), "transform": "cifar"}))
-    with pytest.raises(DataError, match="needs 32x32 images.*40x40"):
+    with pytest.raises(DataError, match=r"image_size=32 .* is 40x40"):
         build_cache(cfg, tmp_path / "c", device=CPU, progress=False)
 
 

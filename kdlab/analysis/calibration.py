@@ -7,6 +7,11 @@ confidence conf_b:
 
     ECE = sum_b (n_b / N) |acc_b - conf_b|,    MCE = max_b |acc_b - conf_b| (non-empty bins).
 
+ECE and MCE are torchmetrics' `multiclass_calibration_error` (norm "l1" and "max"), which
+computes in float32 with bins closed on the left, [e_b, e_b+1), and a sample of confidence
+exactly 1 in a bin of its own; the per-bin numbers for the diagram use the same bins, with
+that last point shown in the top bin.
+
 Why it matters here: distillation changes how confident a student is (DKD and tolerant
 teachers both move probability mass onto non-target classes), so a report shows teacher and
 student calibration side by side.
@@ -17,45 +22,51 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torchmetrics.functional.classification import multiclass_calibration_error
 
 from kdlab.analysis.plotting import new_figure, save_figure
 
 
-def reliability(confidence: Any, correct: Any, bins: int = 15) -> dict[str, Any]:
+def reliability(logits: Any, targets: Any, bins: int = 15) -> dict[str, Any]:
     """Per-bin counts, accuracy and confidence, ECE and MCE (as fractions in [0, 1]).
 
-    `confidence`: (N,) max softmax probabilities; `correct`: (N,) bool (prediction == target).
-    A sample with confidence exactly 1 falls in the last bin.
+    `logits`: (N, C) logits or softmax probabilities (torchmetrics applies the softmax to
+    values outside [0, 1]); `targets`: (N,) class indices.
     """
-    conf = np.asarray(confidence, dtype=np.float64).reshape(-1)
-    corr = np.asarray(correct, dtype=np.float64).reshape(-1)
-    if conf.shape != corr.shape:
-        raise ValueError(f"confidence and correct must have the same length, got {conf.shape} and {corr.shape}")
+    logits = torch.as_tensor(logits)
+    targets = torch.as_tensor(targets).reshape(-1).long()
+    if logits.ndim != 2 or logits.shape[0] != targets.numel():
+        raise ValueError(f"logits must be (N, C) with one target per row, got {tuple(logits.shape)} "
+                         f"and {targets.numel()} targets")
     if bins < 1:
         raise ValueError(f"bins must be at least 1, got {bins}")
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    idx = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
-    count = np.bincount(idx, minlength=bins).astype(np.int64)
-    acc_sum = np.bincount(idx, weights=corr, minlength=bins)
-    conf_sum = np.bincount(idx, weights=conf, minlength=bins)
+    logits = logits.float()
+    num_classes = int(logits.shape[1])
+    ece = mce = 0.0
+    if targets.numel():
+        ece, mce = (float(multiclass_calibration_error(logits, targets, num_classes, n_bins=bins, norm=norm))
+                    for norm in ("l1", "max"))
+    probs = logits if bool(((logits >= 0) & (logits <= 1)).all()) else logits.softmax(1)
+    conf, pred = probs.max(1)
+    correct = (pred == targets).double()
+    # torchmetrics' bins (float32 edges); its point bin for a confidence of exactly 1 is drawn in the top bin.
+    idx = (torch.bucketize(conf, torch.linspace(0, 1, bins + 1), right=True) - 1).clamp(0, bins - 1)
+    count = torch.bincount(idx, minlength=bins)
     with np.errstate(invalid="ignore", divide="ignore"):
-        acc = np.where(count > 0, acc_sum / np.maximum(count, 1), np.nan)
-        mean_conf = np.where(count > 0, conf_sum / np.maximum(count, 1), np.nan)
-    gaps = np.abs(acc - mean_conf)
-    n = max(int(conf.size), 1)
-    nonempty = count > 0
-    ece = float(np.sum(count[nonempty] / n * gaps[nonempty])) if nonempty.any() else 0.0
-    mce = float(np.max(gaps[nonempty])) if nonempty.any() else 0.0
+        acc = np.where(count > 0, torch.bincount(idx, correct, minlength=bins).numpy() / count.numpy(), np.nan)
+        mean_conf = np.where(count > 0, torch.bincount(idx, conf.double(), minlength=bins).numpy() / count.numpy(),
+                             np.nan)
     return {
         "bins": bins,
-        "edges": edges.tolist(),
+        "edges": np.linspace(0.0, 1.0, bins + 1).tolist(),
         "count": count.tolist(),
         "accuracy": acc.tolist(),
         "confidence": mean_conf.tolist(),
         "ece": ece,
         "mce": mce,
-        "mean_confidence": float(conf.mean()) if conf.size else float("nan"),
-        "accuracy_overall": float(corr.mean()) if corr.size else float("nan"),
+        "mean_confidence": float(conf.double().mean()) if conf.numel() else float("nan"),
+        "accuracy_overall": float(correct.mean()) if correct.numel() else float("nan"),
     }
 
 

@@ -250,9 +250,7 @@ def analyze(
             doc.img(png.name, "class-correlation difference")
             rel = {}
             for name, logits in ((t_name, t_logits), (s_name, s_logits)):
-                p = logits.softmax(1)
-                conf, pred = p.max(1)
-                rel[name] = reliability(conf.numpy(), (pred == targets).numpy(), bins)
+                rel[name] = reliability(logits, targets, bins)
             png = plot_reliability(rel, out / "reliability.png")
             split_metrics["calibration"] = {
                 "teacher": {k: rel[t_name][k] for k in ("ece", "mce", "mean_confidence", "accuracy_overall")},

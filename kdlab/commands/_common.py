@@ -15,7 +15,8 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-OVERWRITE_HELP = "replace what the run folder holds: delete the earlier run's files first, then train from scratch"
+OVERWRITE_HELP = ("replace what the run folder holds: delete the files kdlab wrote for the earlier run (nothing "
+                  "else), then train from scratch")
 
 
 def add_run_folder_args(p: argparse.ArgumentParser, resume_help: str, *, resume_checkpoint: bool = False) -> None:

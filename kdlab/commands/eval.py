@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from kdlab.errors import CheckpointError
 
@@ -12,10 +13,23 @@ HELP = "evaluate a checkpoint on its validation set (top-1, top-5, loss; COCO AP
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help=HELP, description=HELP + ". The dataset comes from the config "
                        "stored in the checkpoint; override any data key, e.g. data.root=/other/path.")
-    p.add_argument("checkpoint", help="a .pt file written by 'kdlab train'")
+    p.add_argument("checkpoint", help="a .pt file written by 'kdlab train', or a run folder (its best.pt, "
+                   "else its last.pt; the JSON output names the file)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.set_defaults(func=run)
+
+
+def run_checkpoint(path: str) -> str:
+    """`path`, or for a run folder the checkpoint to evaluate in it: best.pt, else last.pt."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return path
+    for name in ("best.pt", "last.pt"):
+        if (folder / name).is_file():
+            return str(folder / name)
+    raise CheckpointError(f"{path!r} is a folder with no checkpoint in it (no best.pt, no last.pt); pass a "
+                          "checkpoint file, or a run folder written by 'kdlab train' with train.save=best or last")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -26,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from kdlab.engine.distributed import DistInfo
     from kdlab.engine.tasks import task_for
 
+    args.checkpoint = run_checkpoint(args.checkpoint)
     ckpt = Checkpoint.load(args.checkpoint)
     if not ckpt.config:
         raise CheckpointError(

@@ -67,9 +67,8 @@ def _signed(x) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    # lazy: keeps `kdlab --help` fast (torch, pydantic and the rest load only when the command runs)
-    from kdlab.reproduce.runner import plan_rows, repo_root, reproduce
-    from kdlab.reproduce.table import load_rows, select_rows
+    # lazy: keeps `kdlab --help` fast; --list reads the table alone, without torch
+    from kdlab.reproduce.table import load_rows, repo_root, select_rows
 
     patterns = [a for a in args.args if "=" not in a]
     overrides = [a for a in args.args if "=" in a]
@@ -89,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
     if not patterns:
         raise ConfigError("name the rows to reproduce (ids or globs; see 'kdlab reproduce --list'), "
                           "e.g. kdlab reproduce dkd/cifar100/resnet32x4_resnet8x4 data.root=/data/cifar100")
+    # lazy: the runner trains (torch and every model), which --list does not need
+    from kdlab.reproduce.runner import plan_rows, reproduce
+
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
     plans = plan_rows(select_rows(patterns, rows), overrides, root=args.root, seeds=args.seeds, all_rows=rows,

@@ -6,8 +6,10 @@ Two configs are the same experiment when they agree on everything but
 - the settings in `VOLATILE`, which change where the data lives, how fast it runs or how it
   is logged, not what is trained.
 
-Who asks: a run folder (`kdlab.engine.run_folder.RunFolder.differences`) refuses to be reused
-or resumed by `kdlab reproduce` / `kdlab generations` for another experiment, and
+Who asks: a run folder (`kdlab.engine.run_folder.RunFolder.resume_refusal`) refuses to be
+resumed by `kdlab train --resume` (and the trainer a checkpoint) for another experiment, and to
+be reused or resumed by `kdlab reproduce` / `kdlab generations`; so `VOLATILE` is also the
+documented list of what may change on `--resume` (README, "No command writes over"); and
 `kdlab results` flags a seed group whose runs are not the same experiment up to their seed
 (`across_seeds=True`).
 """
@@ -20,7 +22,7 @@ PLACE = ("name", "output_dir")
 
 VOLATILE: dict[str, set[str]] = {
     "data": {"root", "num_workers", "pin_memory", "persistent_workers", "eval_batch_size", "pipeline"},
-    "train": {"device", "progress", "tensorboard", "save_every", "eval_every", "compile", "channels_last",
+    "train": {"device", "progress", "tensorboard", "save", "save_every", "eval_every", "compile", "channels_last",
               "deterministic", "nonfinite", "max_skipped", "amp", "check_every"},
     "teacher": {"checkpoint", "cache"},
 }

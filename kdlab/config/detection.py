@@ -58,6 +58,11 @@ class DetectionConfig(_Section):
         description="contiguous: categories numbered 1..C in id order; category_id: the ids themselves "
         "(torchvision's COCO weights: 91 outputs)",
     )
+    invalid_boxes: Literal["drop", "error"] = Field(
+        default="drop",
+        description="boxes that are not finite, of non-positive size or entirely outside their image: drop: "
+        "left out of both splits with a logged count; error: refused, naming each (docs/detection.md)",
+    )
     train_sizes: list[PositiveInt] = Field(
         default_factory=lambda: list(COCO_TRAIN_SIZES),
         description="shorter side of each training image, drawn per image from this list",

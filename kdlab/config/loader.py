@@ -1,6 +1,9 @@
 """Load, merge, override and validate experiment configs.
 
-YAML is parsed with `yaml.safe_load` only: a config is data and never executes code.
+YAML is parsed with PyYAML's safe loader only: a config is data and never executes code.
+A key written twice in one mapping is an error naming both lines (PyYAML would keep the last
+silently), and so are aliases that expand to more than `MAX_EXPANDED` values (an alias bomb);
+error messages quote at most a short excerpt of a value (`excerpt`).
 A config may name `base:` files (relative to itself) that it extends; dotted command-line
 overrides (`train.epochs=5 method.beta=8`) apply last. Any validation problem becomes one
 `ConfigError` whose message names each offending key, what is wrong, and the closest valid
@@ -9,13 +12,13 @@ key when a name is misspelt.
 from __future__ import annotations
 
 import copy
+import reprlib
 from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from kdlab.config.resolve import REGISTRY_NAMES
 from kdlab.config.schema import ExperimentConfig, MethodConfig
 from kdlab.errors import ConfigError
 from kdlab.registry import UnknownNameError, closest
@@ -49,6 +52,86 @@ def read_text_file(path: Path, kind: str = "config") -> str:
         ) from None
 
 
+#: More values than this once aliases are expanded, and a YAML file is refused: configs hold
+#: hundreds; a few nested aliases can expand to billions, which validating, copying or
+#: quoting in a message would try to build.
+MAX_EXPANDED = 100_000
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_EXCERPT = reprlib.Repr()
+_EXCERPT.maxlevel, _EXCERPT.maxlist, _EXCERPT.maxdict, _EXCERPT.maxstring, _EXCERPT.maxother = 2, 4, 4, 60, 60
+
+
+def excerpt(value: Any, limit: int = 120) -> str:
+    """A repr of `value` of at most about `limit` characters, computed without building the
+    whole repr (a value may be huge: a long string, a list of a million items)."""
+    text = _EXCERPT.repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _check_nodes(root: yaml.Node, where: Path) -> None:
+    """Refuse duplicate keys and alias bombs in a composed YAML document, before it is built.
+
+    Walks the node graph once (an alias is the same node object again), counting what the
+    document expands to."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise ConfigError(f"{where}: an alias (*name) refers to the value that contains it; a config "
+                              "cannot be recursive")
+        open_nodes.add(key)
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            _check_keys(node, where)
+            total += sum(size(k) + size(v) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            total += sum(size(v) for v in node.value)
+        open_nodes.discard(key)
+        if total > MAX_EXPANDED:
+            raise ConfigError(f"{where}: its aliases (*name) expand to more than {MAX_EXPANDED:,} values "
+                              f"(line {node.start_mark.line + 1}); a config never needs this many: write the "
+                              "values out, or use fewer nested aliases")
+        sizes[key] = total
+        return total
+
+    size(root)
+
+
+def _check_keys(node: yaml.MappingNode, where: Path) -> None:
+    seen: dict[tuple[str, str], int] = {}
+    for key, _ in node.value:
+        # Merge keys (<<: *defaults) are meant to be overridden by the mapping's own keys.
+        if not isinstance(key, yaml.ScalarNode) or key.tag == _MERGE_TAG:
+            continue
+        line = key.start_mark.line + 1
+        first = seen.get((key.tag, key.value))
+        if first is not None:
+            lines = f"lines {first} and {line}" if first != line else f"line {line}, twice"
+            raise ConfigError(f"{where}: key {excerpt(key.value)} appears twice in one mapping ({lines}); the "
+                              "second would silently replace the first: keep one (merge their contents)")
+        seen[(key.tag, key.value)] = line
+
+
+def parse_yaml(text: str, where: Path) -> Any:
+    """The data of one YAML document (safe: plain data only), with duplicate keys and alias
+    bombs refused as `ConfigError`s; `where` names the file in messages."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_nodes(node, where)
+        return loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply to read; a config is a few levels of sections") from None
+    finally:
+        loader.dispose()
+
+
 def load_yaml_mapping(path: str | Path, _seen: tuple[Path, ...] = (), *, kind: str = "config",
                       shape: str = "a mapping of sections") -> tuple[dict, Path]:
     """Parse one YAML file that must hold a mapping; every failure is one `ConfigError`.
@@ -63,7 +146,7 @@ def load_yaml_mapping(path: str | Path, _seen: tuple[Path, ...] = (), *, kind: s
     if resolved in _seen:
         raise ConfigError(f"{kind} 'base:' chain loops back to {str(path)!r}")
     try:
-        data = yaml.safe_load(read_text_file(path, kind)) or {}
+        data = parse_yaml(read_text_file(path, kind), path) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
@@ -75,9 +158,11 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     """Read a config file and the `base:` files it extends, merged (the file wins)."""
     path = Path(path)
     data, resolved = load_yaml_mapping(path, _seen)
-    bases = data.pop("base", None) or []
-    if isinstance(bases, str):
-        bases = [bases]
+    given = data.pop("base", None)
+    bases = [] if given is None else [given] if isinstance(given, str) else given
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b.strip() for b in bases):
+        raise ConfigError(f"{path}: 'base' must be a file path or a list of file paths, relative to this file "
+                          f"(base: ../common.yaml, or base: [a.yaml, b.yaml]); got {excerpt(given)}")
     merged: dict = {}
     for b in bases:
         merged = deep_merge(merged, read_yaml(path.parent / b, _seen + (resolved,)))
@@ -139,6 +224,9 @@ def _section_class(loc: tuple, data: Any, model: type[BaseModel]) -> type[BaseMo
         cls = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
         if cls is MethodConfig:
             name = node.get("name", "vanilla") if isinstance(node, dict) else node or "vanilla"
+            # lazy: the registries import torch and every model; reading a run folder needs neither
+            from kdlab.config.resolve import REGISTRY_NAMES
+
             try:
                 cls = REGISTRY_NAMES.method_config(str(name))
             except UnknownNameError:
@@ -171,7 +259,7 @@ def format_validation_errors(exc: ValidationError, model: type[BaseModel], data:
         else:
             text = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
             got = err.get("input")
-            got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+            got_text = "" if isinstance(got, dict) else f" (got {excerpt(got)})"
             msg = f"{key}: {text}{got_text}"
         lines.append(msg)
     return f"{title}:\n  - " + "\n  - ".join(lines)
@@ -179,6 +267,9 @@ def format_validation_errors(exc: ValidationError, model: type[BaseModel], data:
 
 def validate_config(data: dict) -> ExperimentConfig:
     """Validate a raw mapping; raise one `ConfigError` listing every problem."""
+    # lazy: the registries import torch and every model (kdlab results reads configs without them)
+    from kdlab.config.resolve import REGISTRY_NAMES
+
     try:
         return ExperimentConfig.model_validate(data, context=REGISTRY_NAMES)
     except ValidationError as exc:
@@ -209,10 +300,12 @@ __all__ = [
     "config_to_dict",
     "deep_merge",
     "dump_config",
+    "excerpt",
     "format_validation_errors",
     "load_config",
     "load_yaml_mapping",
     "override_section",
+    "parse_yaml",
     "read_yaml",
     "validate_config",
 ]

@@ -18,9 +18,10 @@ be a `MethodConfig` instance.
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Annotated, Any, Literal, Protocol, runtime_checkable
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -80,6 +81,25 @@ class MethodConfig(StrictModel):
     name: str = "vanilla"
 
 
+#: The lowest temperature a method accepts. Softmax and contrastive temperatures divide logits
+#: or similarities; much below this the softened distributions are one-hot in float32 and the
+#: T^2 factor of the KD terms erases them (1e-9 made them exactly zero). Papers use 1-8 on
+#: logits and 0.07 on contrastive similarities (CRD).
+MIN_TEMPERATURE = 0.05
+
+
+def _check_temperature(value: float) -> float:
+    if not MIN_TEMPERATURE <= value < float("inf"):  # also refuses NaN
+        raise ValueError(f"a temperature must be finite and at least {MIN_TEMPERATURE}: below it the softened "
+                         "distributions are one-hot and the distillation term vanishes (papers use 1-8 on "
+                         "logits, 0.07 on contrastive similarities)")
+    return value
+
+
+#: The type of every temperature setting of a method config (`temperature: Temperature = 4.0`).
+Temperature = Annotated[float, AfterValidator(_check_temperature)]
+
+
 class ModelConfig(StrictModel):
     """A network: a zoo name (`resnet8x4`) or a prefixed external one (`tv:resnet18`)."""
 
@@ -122,6 +142,13 @@ class DataConfig(StrictModel):
     transform: str | None = Field(
         default=None, description="cifar | imagenet | digits; default: the dataset's own."
     )
+    image_size: PositiveInt | None = Field(
+        default=None,
+        description="Side of the square image the model sees; default: the transform's (cifar 32, imagenet "
+        "224, digits 16). cifar: images of exactly this size, random crop with padding size/8 + flip; "
+        "imagenet: RandomResizedCrop(size) + flip, evaluation Resize(size * 8/7) + CenterCrop(size); "
+        "digits: upsampled to it",
+    )
     augment: str = Field(default="standard", description="standard | none | autoaugment")
     batch_size: PositiveInt = 64
     eval_batch_size: PositiveInt | None = None
@@ -160,6 +187,12 @@ class OptimConfig(StrictModel):
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
     nesterov: bool = False
     weight_decay: NonNegativeFloat = 5e-4
+    norm_weight_decay: NonNegativeFloat | None = Field(
+        default=None,
+        description="weight decay of the normalisation layers' parameters (batch/group/layer/instance norm): "
+        "none: weight_decay, like every other parameter; 0: none, as Detectron2's WEIGHT_DECAY_NORM "
+        "(the detection recipes); torchvision's reference scripts call it norm_weight_decay",
+    )
 
 
 class ScheduleConfig(StrictModel):
@@ -187,12 +220,6 @@ class ScheduleConfig(StrictModel):
     def _increasing(cls, v: list[int]) -> list[int]:
         if any(b <= a for a, b in zip(v, v[1:])):
             raise ValueError(f"milestones must be strictly increasing, got {v}")
-    norm_weight_decay: NonNegativeFloat | None = Field(
-        default=None,
-        description="weight decay of the normalisation layers' parameters (batch/group/layer/instance norm): "
-        "none: weight_decay, like every other parameter; 0: none, as Detectron2's WEIGHT_DECAY_NORM "
-        "(the detection recipes); torchvision's reference scripts call it norm_weight_decay",
-    )
         return v
 
 
@@ -212,6 +239,12 @@ class TrainConfig(StrictModel):
     eval_every: PositiveInt = 1
     save_every: NonNegativeInt = Field(
         default=0, description="Also keep a checkpoint every N epochs (0: only last and best)."
+    )
+    save: Literal["last", "best", "none"] = Field(
+        default="last",
+        description="Checkpoints kept. last: last.pt with the optimizer state (exact --resume) and best.pt "
+        "with the weights only; best: best.pt alone, weights only (no --resume); none: no checkpoint, "
+        "only metrics.jsonl and result.json (epoch_N.pt of save_every: as last.pt with last, else weights only)",
     )
     nonfinite: Literal["stop", "skip"] = Field(
         default="stop", description="On a NaN/inf loss: stop the run, or skip the batch."
@@ -238,15 +271,55 @@ class TrainConfig(StrictModel):
         description="Micro-batches per optimizer step: each batch is forwarded and backpropagated in "
         "this many parts, then one update (data.batch_size stays the batch of one update)",
     )
-    progress: bool = True
+    progress: bool = Field(
+        default=True,
+        description="Progress bars while training; they are drawn only when stderr is a terminal and "
+        "not with 'kdlab -q' (the one log line per epoch stays either way)",
+    )
     tensorboard: bool = True
+
+    @model_validator(mode="after")
+    def _save_every_needs_checkpoints(self) -> "TrainConfig":
+        if self.save == "none" and self.save_every:
+            raise ValueError(f"train.save_every={self.save_every} keeps epoch_N.pt checkpoints but train.save=none "
+                             "keeps no checkpoint; set train.save=best (weights only) or last, or train.save_every=0")
+        return self
+
+
+#: The longest file name (one path part, in bytes) of the file systems kdlab runs on (NAME_MAX).
+NAME_MAX = 255
+
+
+def check_run_name(name: str) -> str:
+    """`name` when it names a folder inside `output_dir`: one path part, or parts joined by '/'
+    ('cifar100/kd' is the folder kd inside cifar100/); else a ValueError naming the fix. A name
+    that could leave output_dir ('..', an absolute path) or name output_dir itself ('', '.')
+    would let `--overwrite` delete files of another folder."""
+    fix = "use name=<a folder name>, such as name=kd_resnet8 or name=cifar100/kd"
+    parts = name.split("/")
+    if "\0" in name:
+        raise ValueError(f"name {name[:60]!r} holds a NUL character; {fix}")
+    if name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"name {name[:60]!r} does not name a folder inside output_dir (an empty part, '.', '..' "
+                         f"or a leading '/'; the folder is <output_dir>/<name>); {fix}")
+    longest = max(parts, key=lambda p: len(p.encode()))
+    if len(longest.encode()) > NAME_MAX:
+        raise ValueError(f"name part {longest[:40]!r}... is {len(longest.encode())} bytes long, more than the "
+                         f"{NAME_MAX} a file name may have; use a shorter name=<a folder name>")
+    return name
 
 
 class ExperimentConfig(StrictModel):
     """A whole experiment: what to train, from which teacher, with which method and recipe."""
 
-    name: str = "run"
+    name: str = Field(default="run", description="the run folder, <output_dir>/<name>: a folder name, or "
+                      "'group/run' for a folder inside a sub-folder (no '..', no absolute path)")
     output_dir: str = "runs"
+
+    @field_validator("name")
+    @classmethod
+    def _name_inside_output_dir(cls, value: str) -> str:
+        return check_run_name(value)
     task: Literal["classification", "detection"] = Field(
         default="classification", description="classification | detection (docs/detection.md)"
     )
@@ -280,7 +353,10 @@ class ExperimentConfig(StrictModel):
                 "experiment configs with kdlab.config.validate_config (or load_config), not "
                 "ExperimentConfig.model_validate"
             )
-        return names.method_config(str(value.get("name", "vanilla"))).model_validate(value, context=names)
+        name = value.get("name", "vanilla")
+        if not isinstance(name, str):  # str() of a huge value would end up in the message
+            raise ValueError(f"method.name must be a method's name (e.g. kd), not a {type(name).__name__}")
+        return names.method_config(name).model_validate(value, context=names)
 
     @model_validator(mode="after")
     def _detection_section_needs_task(self) -> "ExperimentConfig":

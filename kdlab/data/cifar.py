@@ -38,6 +38,7 @@ from kdlab.data.transforms import (
     CIFAR10_STD,
     CIFAR100_MEAN,
     CIFAR100_STD,
+    PRESET_SIZES,
     Transform,
     check_preset,
     eval_transform,
@@ -356,7 +357,13 @@ def coarse_mapping(fine: list[int], coarse: list[int], num_fine: int, where: Pat
 
 def build_cifar(cfg: DataConfig, spec: CifarSpec) -> DataBundle:
     preset = check_preset(cfg.transform or "cifar", PRESETS, cfg.name)
-    size = preset_size(preset)
+    size = preset_size(preset, cfg.image_size)
+    if preset == "cifar" and size != PRESET_SIZES["cifar"]:
+        raise DataError(
+            f"data.image_size={size} with the cifar transform, but {spec.title} images are 32x32 and that "
+            "transform pads and crops them at their own size; leave data.image_size unset (or 32), or set "
+            "data.transform=imagenet for random-resized crops of another size"
+        )
     train_tf = train_transform(preset, cfg.augment, spec.mean, spec.std, size)
     eval_tf = eval_transform(preset, spec.mean, spec.std, size)
     root = require_root(cfg, f"the folder that contains {spec.folder}/ or {spec.archive}")

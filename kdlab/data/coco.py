@@ -12,26 +12,40 @@ the background of torchvision's detectors); `category_id` uses the COCO category
 themselves (C = the largest id), which torchvision's COCO-trained detectors expect (91
 outputs for COCO).
 
-Everything is checked before training starts: an unreadable or malformed annotation file
-and images missing from disk are one `DataError` each, naming the file and the fix.
+Everything is checked when a split is opened, before training starts: an unreadable or
+malformed annotation file, duplicate image or annotation ids, unknown categories, images
+missing from disk and a validation split with nothing to score are one `DataError` each,
+naming the file, the image and the fix. Invalid boxes (not finite, of non-positive size, or
+entirely outside their image) are left out with a logged count (`invalid_boxes="drop"`, the
+default: Detectron2 and torchvision drop them too, silently) or refused (`"error"`); both
+splits are read alike, so COCOeval scores against the same boxes training saw. Box values of
+any numeric type are read as floats (labelling tools often export integers).
+An image file that cannot be decoded is one `UnreadableImage` naming it, when it is read.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
 from torch.utils.data import Dataset
+from torchvision.datasets import CocoDetection
 
 from kdlab.config.schema import DataConfig
 from kdlab.data.datasets import DataBundle, register_dataset
+from kdlab.data.folder import load_rgb
 from kdlab.errors import DataError
 
+log = logging.getLogger("kdlab")
+
 Labels = Literal["contiguous", "category_id"]
+InvalidBoxes = Literal["drop", "error"]
 
 #: Keys every COCO element must have for detection (segmentation only when masks are read).
 _IMAGE_KEYS = ("id", "file_name", "height", "width")
@@ -84,14 +98,97 @@ def _check_structure(data: Any, path: Path, masks: bool) -> None:
     category_ids = {c["id"] for c in data["categories"]}
     if not all(isinstance(c, int) and c > 0 for c in category_ids):
         raise _bad(path, "category ids must be positive integers")
+    for img in data["images"]:
+        if not all(_is_number(img[k]) and img[k] > 0 for k in ("height", "width")):
+            raise _bad(path, f"image {img['id']!r} has height {img['height']!r} and width {img['width']!r}, not "
+                             "two positive numbers of pixels")
     for ann in data["annotations"]:
         if ann["image_id"] not in image_ids:
             raise _bad(path, f"annotation {ann['id']} refers to image {ann['image_id']!r}, which is not in 'images'")
         if ann["category_id"] not in category_ids:
-            raise _bad(path, f"annotation {ann['id']} has category {ann['category_id']!r}, which is not in 'categories'")
+            raise _bad(path, f"annotation {ann['id']} has category {ann['category_id']!r}, which is not in "
+                             f"'categories' (image {ann['image_id']!r})")
         box = ann["bbox"]
-        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
+        if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
             raise _bad(path, f"annotation {ann['id']} has bbox {box!r}, not [x, y, width, height]")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_unique_ids(data: dict[str, Any], path: Path) -> None:
+    """A DataError for an image or annotation id used twice: pycocotools would pair one image's
+    boxes with another image's file, or lose an annotation, without a word."""
+    files: dict[Any, str] = {}
+    for img in data["images"]:
+        if img["id"] in files:
+            raise DataError(f"annotation file {str(path)!r}: image id {img['id']!r} is used twice "
+                            f"({files[img['id']]!r} and {img['file_name']!r}); give every image its own id (and "
+                            "point its annotations at it)")
+        files[img["id"]] = img["file_name"]
+    owners: dict[Any, Any] = {}
+    for ann in data["annotations"]:
+        if ann["id"] in owners:
+            raise DataError(f"annotation file {str(path)!r}: annotation id {ann['id']!r} is used twice (images "
+                            f"{owners[ann['id']]!r} and {ann['image_id']!r}); give every annotation its own id")
+        owners[ann["id"]] = ann["image_id"]
+
+
+def box_problem(box: Sequence[float], width: float, height: float) -> str | None:
+    """Why a COCO [x, y, w, h] box in a `width` x `height` image cannot be trained or scored
+    (None when it can). A box that leaves the image only in part is kept, as COCO's own are."""
+    x, y, w, h = box
+    if not all(math.isfinite(v) for v in box):
+        return "is not finite"
+    if w <= 0 or h <= 0:
+        return "has a size that is not positive"
+    if x >= width or y >= height or x + w <= 0 or y + h <= 0:
+        return f"lies outside its {width:g}x{height:g} image"
+    return None
+
+
+def check_boxes(data: dict[str, Any], path: Path, invalid_boxes: InvalidBoxes) -> None:
+    """Read every box as floats, and leave out (`drop`, logged with a count) or refuse (`error`)
+    the invalid ones; in place. Every box invalid is an error either way."""
+    images = {img["id"]: img for img in data["images"]}
+    kept, bad = [], []
+    for ann in data["annotations"]:
+        ann["bbox"] = [float(v) for v in ann["bbox"]]
+        img = images[ann["image_id"]]
+        problem = box_problem(ann["bbox"], img["width"], img["height"])
+        if problem is None:
+            kept.append(ann)
+        else:
+            bad.append(f"annotation {ann['id']} (image {ann['image_id']!r}, {img['file_name']!r}): bbox "
+                       f"{ann['bbox']} {problem}")
+    if not bad:
+        return
+    total = len(data["annotations"])
+    shown = "; ".join(bad[:3]) + ("; ..." if len(bad) > 3 else "")
+    if not kept:
+        raise DataError(f"every one of the {total} boxes of {str(path)!r} is invalid ({shown}); a box is "
+                        "[x, y, width, height] in pixels, of positive size and inside its image: fix the file")
+    if invalid_boxes == "error":
+        raise DataError(f"{len(bad)} of the {total} boxes of {str(path)!r} are invalid: {shown}. A box is "
+                        "[x, y, width, height] in pixels, of positive size and inside its image: fix or remove "
+                        "them, or set detection.invalid_boxes=drop to leave them out (with a count)")
+    log.warning("%s: left out %d of the %d boxes, which are invalid (%s); detection.invalid_boxes=error makes "
+                "this an error", path, len(bad), total, shown)
+    data["annotations"] = kept
+
+
+def check_scorable(data: dict[str, Any], path: Path, what: str) -> None:
+    """A DataError for a validation split COCOeval could score nothing on (AP would be NaN)."""
+    if not data["images"]:
+        raise DataError(f"annotation file {str(path)!r} lists no images; a validation split needs annotated "
+                        f"images: point {what} at another file")
+    if not data["annotations"]:
+        raise DataError(f"annotation file {str(path)!r} has no annotations, so COCO AP would have nothing to "
+                        f"score (best bbox_ap nan, no best.pt); point {what} at an annotated validation file")
+    if all(a.get("iscrowd", 0) for a in data["annotations"]):
+        raise DataError(f"annotation file {str(path)!r} holds only crowd regions (iscrowd 1), which COCO AP "
+                        f"ignores: nothing to score; point {what} at a validation file with objects")
 
 
 def check_images_exist(images: Sequence[dict[str, Any]], folder: Path, annotation_file: Path, what: str) -> None:
@@ -120,13 +217,19 @@ def label_maps(categories: Sequence[dict[str, Any]], labels: Labels) -> tuple[di
     return ({c["id"]: i + 1 for i, c in enumerate(cats)}, [0] + [c["id"] for c in cats], [str(c["name"]) for c in cats])
 
 
+class _CocoImages(CocoDetection):
+    """CocoDetection whose undecodable image files are one `UnreadableImage` naming the file."""
+
+    def _load_image(self, id: int) -> Any:
+        return load_rgb(os.path.join(self.root, self.coco.imgs[id]["file_name"]))
+
+
 def _indexed_coco_detection(images: Path, coco: Any) -> Any:
     """torchvision's CocoDetection over an already-built pycocotools index (CocoDetection
     itself would parse the annotation file a second time)."""
-    from torchvision.datasets import CocoDetection  # lazy: detection-only
     from torchvision.datasets.vision import VisionDataset  # lazy: detection-only
 
-    dataset = CocoDetection.__new__(CocoDetection)
+    dataset = _CocoImages.__new__(_CocoImages)
     VisionDataset.__init__(dataset, str(images))
     dataset.coco = coco
     dataset.ids = sorted(coco.imgs)
@@ -139,19 +242,26 @@ class CocoSplit(Dataset):
     Training target: `boxes` (K, 4) xyxy, `labels` (K,), `masks` (K, H, W) when `masks`, and
     `image_id`. Validation target: `image_id` only.
 
-    Attributes: `coco` (pycocotools' index of the annotation file), `ids` (the image ids
-    served, in order), `aspect_ratios` (width / height of each served image),
-    `label_to_category`, `class_names`, `num_classes`.
+    Attributes: `coco` (pycocotools' index of the annotation file, invalid boxes left out),
+    `ids` (the image ids served, in order), `aspect_ratios` (width / height of each served
+    image), `label_to_category`, `class_names`, `num_classes`.
+
+    `invalid_boxes`: "drop" leaves invalid boxes out with a logged count, "error" refuses them
+    (see `check_boxes`).
     """
 
     def __init__(self, images: str | Path, annotations: str | Path, *, train: bool, masks: bool = False,
-                 transforms: Any = None, labels: Labels = "contiguous",
+                 transforms: Any = None, labels: Labels = "contiguous", invalid_boxes: InvalidBoxes = "drop",
                  what: tuple[str, str] = ("the image folder", "the annotation file")) -> None:
         from pycocotools.coco import COCO  # lazy: detection-only
         from torchvision.datasets import wrap_dataset_for_transforms_v2  # lazy: detection-only
 
         images, annotations = Path(images), Path(annotations)
         data = read_annotations(annotations, masks=masks and train, what=what[1])
+        _check_unique_ids(data, annotations)
+        check_boxes(data, annotations, invalid_boxes)
+        if not train:
+            check_scorable(data, annotations, what[1])
         check_images_exist(data["images"], images, annotations, what[0])
         coco = COCO()
         coco.dataset = data
@@ -250,6 +360,7 @@ for _name in DETECTION_DATASETS:  # registered so that config validation knows t
 
 __all__ = [
     "DETECTION_DATASETS",
-    "CocoSplit", "Labels", "check_images_exist", "collate_detection", "detection_transforms", "label_maps",
+    "CocoSplit", "InvalidBoxes", "Labels", "box_problem", "check_boxes", "check_images_exist", "check_scorable",
+    "collate_detection", "detection_transforms", "label_maps",
     "read_annotations",
 ]

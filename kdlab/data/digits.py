@@ -6,10 +6,10 @@ numpy ``default_rng(DIGITS_SPLIT_SEED)`` puts ``round(0.2 * n_class)`` images in
 the rest in train (1438 train / 359 val), whatever the experiment seed.
 
 Images are scaled to [0, 1] (pixel / 16), upsampled bilinearly to `size` x `size`
-(16 by default; ``data.transform: cifar`` gives 32x32), repeated to 3 channels so the
+(16 by default; ``data.transform: cifar`` gives 32x32, ``data.image_size`` any side), repeated to 3 channels so the
 CIFAR zoo's conv nets accept them, and normalised with the train split's mean/std. Each
-split is one tensor in memory; `augment: standard` is a random crop with padding 2
-(4 at 32x32) done on the tensor, no flips (digits are not flip-invariant).
+split is one tensor in memory; `augment: standard` is a random crop with padding size/8
+(2 at 16x16, 4 at 32x32) done on the tensor, no flips (digits are not flip-invariant).
 """
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def _load(size: int) -> tuple[torch.Tensor, list[int], torch.Tensor, list[int], 
 @register_dataset("digits")
 def build_digits(cfg: DataConfig) -> DataBundle:
     preset = check_preset(cfg.transform or "digits", list(DIGITS_SIZES), "digits")
-    size = DIGITS_SIZES[preset]
+    size = cfg.image_size or DIGITS_SIZES[preset]
     check_augment(cfg.augment)  # fail on a bad value before loading anything
     train_x, train_y, val_x, val_y, m, s = _load(size)
     mean, std = (m, m, m), (s, s, s)

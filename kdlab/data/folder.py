@@ -9,6 +9,12 @@ must have the same class folders. Hidden folders (names starting with '.') are i
 `data.transform` picks the preset: `imagenet` (default: RandomResizedCrop(224) + flip for
 training, Resize(256) + CenterCrop(224) for eval, ImageNet mean/std) or `cifar` (32x32,
 RandomCrop(32, padding=4) + flip, CIFAR-10 mean/std; e.g. for the CIFAR-10 JPEG folders).
+`data.image_size` sets the side: `imagenet` then crops and resizes any image to it, `cifar` takes
+images of exactly that size (checked on the first one).
+
+Image files are decoded when read, not when the folder is opened (an ImageNet folder holds over
+a million); one that cannot be decoded (empty, cut short, not an image) is then one
+`UnreadableImage` naming it, also when a DataLoader worker read it.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from PIL import Image, UnidentifiedImageError
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -46,8 +53,40 @@ def _layout(train_split: str, val_split: str | None) -> str:
     )
 
 
+class UnreadableImage(DataError):
+    """An image file that cannot be decoded (empty, truncated, not an image), named with the fix.
+
+    Raised in a DataLoader worker, it reaches the main process rebuilt from a text holding the
+    worker's whole traceback (torch's `ExceptionWrapper.reraise` calls `UnreadableImage(text)`);
+    the constructor keeps only the message, so the user still reads one line."""
+
+    def __init__(self, message: str) -> None:
+        marker = f"{type(self).__name__}: "
+        if message.startswith("Caught ") and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """The image file at `path` as RGB (torchvision's `pil_loader`), or `UnreadableImage`."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:  # PIL's decoders raise all four
+        if isinstance(exc, UnidentifiedImageError):
+            reason = "it is empty" if os.path.getsize(path) == 0 else "not a format PIL can decode"
+        else:
+            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise UnreadableImage(f"image file {str(path)!r} cannot be read as an image ({reason}); replace or delete "
+                              "it (a file copied only in part, or a page saved as .jpg, looks like this)") from None
+
+
 class VisibleImageFolder(ImageFolder):
-    """ImageFolder that ignores hidden folders such as `.ipynb_checkpoints`."""
+    """ImageFolder that ignores hidden folders such as `.ipynb_checkpoints`; an image file that
+    cannot be decoded is one `UnreadableImage` naming it (not PIL's traceback) when it is read."""
+
+    def __init__(self, root: str, transform: Transform | None = None) -> None:
+        super().__init__(root, transform=transform, loader=load_rgb)
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
@@ -84,11 +123,29 @@ def _has_image(d: Path) -> bool:
     return False
 
 
+def check_image_side(split: Any, size: int) -> None:
+    """The cifar transform pads and crops images at their own size, so they must be `size` x
+    `size`; the first image is checked (one file: start-up stays fast)."""
+    path = split.samples[0][0]
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except (OSError, UnidentifiedImageError):
+        return  # the loader names an unreadable file when it reaches it
+    if (width, height) != (size, size):
+        same = f"set data.image_size={width} if all the images are {width}x{width}, or " if width == height else ""
+        raise DataError(
+            f"data.transform=cifar takes images of exactly data.image_size={size} pixels a side (it pads and "
+            f"crops them at their own size), but {path!r} is {width}x{height}; {same}set data.transform=imagenet, "
+            "which resizes any image (random-resized crops of data.image_size)"
+        )
+
+
 @register_dataset("imagefolder")
 def build_imagefolder(cfg: DataConfig) -> DataBundle:
     preset = check_preset(cfg.transform or "imagenet", PRESETS, "imagefolder")
     mean, std = PRESET_STATS[preset]
-    size = preset_size(preset)
+    size = preset_size(preset, cfg.image_size)
     train_tf = train_transform(preset, cfg.augment, mean, std, size)
     eval_tf = eval_transform(preset, mean, std, size)
     layout = _layout(cfg.train_split, cfg.val_split)
@@ -106,6 +163,8 @@ def build_imagefolder(cfg: DataConfig) -> DataBundle:
             )
     train = open_split(root / cfg.train_split, train_tf, layout)
     val = open_split(val_dir, eval_tf, layout)
+    if preset == "cifar":
+        check_image_side(train, size)
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))

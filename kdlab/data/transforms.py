@@ -6,6 +6,10 @@ A *preset* fixes the geometry the model sees and the evaluation pipeline:
 - ``imagenet``: 224x224 crops; eval = Resize(256) + CenterCrop(224) + ToTensor + Normalize.
 - ``digits``: the in-memory digits tensors (already normalised, 16x16 by default); eval = identity.
 
+`data.image_size` replaces the preset's side (`preset_size`) and everything derived from it: the
+cifar crop's padding (size/8), the imagenet crops and evaluation resize (size * 256/224), the
+digits' upsampling. The presets are its special cases: cifar at 32, imagenet at 224.
+
 An *augment* (``data.augment``) picks the training pipeline. Each one is a function
 ``fn(preset, mean, std, size) -> transform`` registered in `AUGMENTS`; `train_transform`
 looks it up, so adding a policy is one registration (see `_standard` and the helpers
@@ -61,7 +65,14 @@ def check_preset(preset: str, allowed: Sequence[str], dataset: str) -> str:
 
 
 def preset_size(preset: str, size: int | None = None) -> int:
+    """The square side the model sees: `size` (`data.image_size`) or the preset's own."""
     return int(size) if size is not None else PRESET_SIZES[preset]
+
+
+def crop_padding(preset: str, size: int) -> int:
+    """Zero padding of a small-image preset's random crop, scaled with the side: 4 at CIFAR's 32
+    (8 at 64), 2 at the digits' 16."""
+    return max(1, round(CROP_PADDING[preset] * size / PRESET_SIZES[preset]))
 
 
 class TensorRandomCrop:
@@ -106,12 +117,12 @@ def to_normalized_tensor(mean: Sequence[float], std: Sequence[float]) -> list[Tr
 def geometric_augment(preset: str, size: int | None = None) -> list[Transform]:
     """The standard geometric augmentation of a PIL preset (before ToTensor).
 
-    cifar: RandomCrop(size, padding=4) + RandomHorizontalFlip.
+    cifar: RandomCrop(size, padding=size/8, 4 at 32) + RandomHorizontalFlip.
     imagenet: RandomResizedCrop(size) + RandomHorizontalFlip.
     """
     size = preset_size(preset, size)
     if preset == "cifar":
-        return [T.RandomCrop(size, padding=CROP_PADDING["cifar"]), T.RandomHorizontalFlip()]
+        return [T.RandomCrop(size, padding=crop_padding("cifar", size)), T.RandomHorizontalFlip()]
     if preset == "imagenet":
         return [T.RandomResizedCrop(size), T.RandomHorizontalFlip()]
     raise ValueError(f"geometric_augment: no PIL augmentation for preset {preset!r}")
@@ -138,8 +149,7 @@ def _standard(preset: str, mean: Sequence[float], std: Sequence[float], size: in
         # No flips: digits are not flip-invariant.
         # Padding 2 at the default 16x16, scaled with the size (4 at 32x32).
         fill = [-m / s for m, s in zip(mean, std)]
-        padding = max(1, round(CROP_PADDING["digits"] * size / PRESET_SIZES["digits"]))
-        return TensorRandomCrop(size, padding, fill)
+        return TensorRandomCrop(size, crop_padding("digits", size), fill)
     return T.Compose(geometric_augment(preset, size) + to_normalized_tensor(mean, std))
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -108,25 +109,40 @@ class MetricsLogger(Callback):
 
 
 class Checkpointer(Callback):
-    """`last.pt` every epoch, `best.pt` when the primary metric improved, `epoch_N.pt` every
-    `train.save_every` epochs, and on Ctrl-C a `last.pt` that records where the epoch stopped,
-    so `--resume` continues from that very batch. All writes are atomic."""
+    """The checkpoints of `train.save`, all written atomically.
 
-    def __init__(self, save_every: int = 0) -> None:
-        self.save_every = save_every
+    - `last` (default): `last.pt` every epoch with everything `--resume` needs (optimizer,
+      scheduler, RNG, ...; on Ctrl-C also where the epoch stopped, so `--resume` continues from
+      that very batch), and `best.pt` with the weights only when the primary metric improved.
+    - `best`: `best.pt`, weights only; nothing to resume from.
+    - `none`: no checkpoint.
+
+    `epoch_N.pt` every `train.save_every` epochs: as `last.pt` under `last`, else weights only."""
+
+    def __init__(self, save_every: int = 0, save: str = "last") -> None:
+        self.save_every, self.save = save_every, save
 
     def on_epoch_end(self, trainer: "Trainer", epoch: int, row: dict[str, Any]) -> None:
-        if not trainer.is_main:
+        if not trainer.is_main or self.save == "none":
             return
         ckpt = trainer.checkpoint(epoch)
-        ckpt.save(trainer.run_dir / "last.pt")
+        weights = ckpt.weights_only()
+        resumable = self.save == "last"
+        # last.pt last: when a write fails (a full disk), last.pt still names the epoch before,
+        # so --resume redoes this epoch and rewrites best.pt and epoch_N.pt too.
         if trainer.best_epoch == epoch:
-            ckpt.save(trainer.run_dir / "best.pt")
+            weights.save(trainer.run_dir / "best.pt")
         if self.save_every and epoch % self.save_every == 0:
-            ckpt.save(trainer.run_dir / f"epoch_{epoch}.pt")
+            (ckpt if resumable else weights).save(trainer.run_dir / f"epoch_{epoch}.pt")
+        if resumable:
+            ckpt.save(trainer.run_dir / "last.pt")
 
     def on_interrupt(self, trainer: "Trainer", epoch: int, position: dict[str, Any]) -> None:
         if not trainer.is_main:
+            return
+        if self.save != "last":
+            log.warning("interrupted in epoch %d: train.save=%s keeps no resumable checkpoint, so this run "
+                        "cannot be continued (train.save=last keeps one)", epoch, self.save)
             return
         path = trainer.run_dir / "last.pt"
         trainer.checkpoint(epoch - 1, partial=position).save(path)
@@ -135,16 +151,23 @@ class Checkpointer(Callback):
                     " (training of the epoch is kept, its evaluation re-runs)" if position.get("evaluating") else "")
 
 
+def bars_wanted(enabled: bool = True) -> bool:
+    """Whether to draw progress bars: asked for (`train.progress`), stderr is a terminal (in a
+    log file a bar is a stream of carriage-return lines; the epoch's log line stays), and the
+    `kdlab` log shows INFO (`kdlab -q` asks for warnings and errors only)."""
+    return enabled and sys.stderr.isatty() and log.isEnabledFor(logging.INFO)
+
+
 class ProgressBar(Callback):
-    """A tqdm bar per epoch on the main process; the running loss is shown every
-    `train.check_every` steps (reading it is a host synchronisation)."""
+    """A tqdm bar per epoch on the main process when `bars_wanted`; the running loss is shown
+    every `train.check_every` steps (reading it is a host synchronisation)."""
 
     def __init__(self, enabled: bool, every: int) -> None:
         self.enabled, self.every = enabled, every
         self.bar = None
 
     def on_epoch_start(self, trainer: "Trainer", epoch: int, start: int) -> None:
-        if self.enabled and trainer.is_main:
+        if trainer.is_main and bars_wanted(self.enabled):
             self.bar = tqdm(total=trainer.steps_per_epoch, initial=start, desc=f"epoch {epoch}", leave=False,
                             dynamic_ncols=True)
 
@@ -198,11 +221,11 @@ def default_callbacks(trainer: "Trainer", feed: Any | None) -> list[Callback]:
     if feed is not None:
         callbacks.append(TeacherCacheFeed(feed))
     callbacks += [ProgressBar(train.progress, train.check_every), MetricsLogger(train.tensorboard),
-                  Checkpointer(train.save_every)]
+                  Checkpointer(train.save_every, train.save)]
     return callbacks
 
 
 __all__ = [
     "Callback", "Checkpointer", "LabelNoiseRecord", "MetricsLogger", "ProgressBar", "TeacherCacheFeed",
-    "default_callbacks",
+    "bars_wanted", "default_callbacks",
 ]

@@ -23,16 +23,17 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from kdlab.engine.run_folder import file_mode
 from kdlab.errors import CheckpointError
 from kdlab.models import create_model
-from kdlab.models.weights import UnreadableTorchFile, describe_mismatch, read_torch_file
+from kdlab.models.weights import UnreadableTorchFile, access_problem, describe_mismatch, read_torch_file
 
 FORMAT = "kdlab-checkpoint"
 CURRENT_VERSION = 2
@@ -48,19 +49,27 @@ NOT_A_CHECKPOINT_FIX = (
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to `path` via a temporary file + rename (atomic on POSIX)."""
+    """torch.save to `path` via a temporary file + rename (atomic on POSIX). A failed write
+    (a full disk, a read-only folder) leaves `path` as it was and raises an `OSError` whose
+    `filename` is `path` (not the temporary file, nor None as a full disk's error has)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+    try:
+        os.fchmod(fd, file_mode())  # readable like the run's other files, not mkstemp's 0600
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):  # OSError(errno, ...) is the errno's subclass again (PermissionError, ...)
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
 
 
@@ -115,6 +124,13 @@ class Checkpoint:
         other fields (epoch, config, method, ...) by keyword."""
         return cls(model=ModelRecord(name, num_classes, dict(kwargs or {})), model_state=model.state_dict(),
                    **values)
+
+    def weights_only(self) -> "Checkpoint":
+        """This checkpoint without what only resuming needs (optimizer, scheduler and scaler state,
+        the method's extras, RNG and callback state, a mid-epoch position): about half the size
+        under SGD with momentum, and still what `kdlab eval`, a teacher and a generation load."""
+        return replace(self, extra_state={}, optimizer=None, scheduler=None, scaler=None, rng=None, partial=None,
+                       callbacks={})
 
     @property
     def best_top1(self) -> float:
@@ -199,14 +215,21 @@ def _read(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
     """What a checkpoint file holds (`from_dict` checks it is a kdlab checkpoint), read without
     executing code; a missing or unreadable file is a `CheckpointError`."""
     path = Path(path)
-    if not path.is_file():
+    try:
+        exists = path.is_file()
+    except OSError as exc:  # a folder on the way that may not be entered
+        raise CheckpointError(f"checkpoint {str(path)!r} {access_problem(path, exc)}") from None
+    if not exists:
+        what = "is a folder, not a checkpoint file" if path.is_dir() else "does not exist"
         raise CheckpointError(
-            f"checkpoint {str(path)!r} does not exist; train one with 'kdlab train CONFIG' "
+            f"checkpoint {str(path)!r} {what}; train one with 'kdlab train CONFIG' "
             "(it writes <output_dir>/<name>/best.pt and last.pt) and point to it"
         )
     try:
         return read_torch_file(path, map_location)
     except UnreadableTorchFile as exc:
+        if exc.denied:
+            raise CheckpointError(f"checkpoint {str(path)!r} {exc.problem}") from None
         if exc.foreign:
             raise CheckpointError(f"{str(path)!r} is not a kdlab checkpoint: it {exc.problem}. "
                                   + NOT_A_CHECKPOINT_FIX) from None

@@ -10,10 +10,16 @@ needs one), evaluates every `train.eval_every` epochs, and stops resumable at an
 - data order and augmentation are functions of (seed, epoch, sample index) only
   (`kdlab.data.sampling`), so resuming, even mid-epoch, reproduces the same batches;
 - `last.pt` is written atomically at the end of every epoch, and on Ctrl-C (with the position
-  inside the epoch, or the note that evaluation was under way), so nothing is lost.
+  inside the epoch, or the note that evaluation was under way), so nothing is lost (with the
+  default `train.save: last`; `best` and `none` keep nothing to resume from);
+- Ctrl-C inside a step waits for the step's end, and a Ctrl-C during a save for the save
+  (`kdlab.engine.interrupts`), so what is saved is a state an uninterrupted run passes through;
+- a write that fails (a full disk, a folder made read-only) stops the run with one message
+  naming the file; the checkpoint written before it is intact and `--resume` continues.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import time
@@ -34,8 +40,9 @@ from kdlab.engine.device import resolve_device
 from kdlab.engine.distributed import (
     DistInfo, all_reduce_sum, barrier, broadcast_buffers, convert_sync_bn, init_distributed, per_rank_batch, wrap_ddp,
 )
+from kdlab.engine.interrupts import InterruptGate
 from kdlab.engine.optim import build_optimizer, build_scheduler
-from kdlab.engine.run_folder import RunFolder
+from kdlab.engine.run_folder import ResumeMismatch, RunFolder, as_experiment
 from kdlab.engine.seed import rng_state, seed_everything, set_rng_state
 from kdlab.engine.step import NonFiniteMonitor, TrainStep
 from kdlab.engine.tasks import Task, task_for
@@ -45,6 +52,13 @@ from kdlab.methods import Distiller
 from kdlab.methods.base import SetupContext
 
 log = logging.getLogger("kdlab")
+
+#: Errors only a write raises (a full disk, a quota, a file size limit): such an error without
+#: a file name still comes from writing a run file.
+_WRITE_ONLY_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+#: Shown when Ctrl-C is pressed during a checkpoint save, which then completes.
+SAVING = "Ctrl-C: the checkpoint is being saved; the run stops once it is written"
 
 
 @dataclass
@@ -111,7 +125,8 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         # Every rank checks (so every rank refuses alike); only the main one clears anything.
-        RunFolder(self.run_dir).claim(resume=bool(self.resume), overwrite=self.overwrite, is_main=self.is_main)
+        RunFolder(self.run_dir).claim(resume=bool(self.resume), overwrite=self.overwrite, is_main=self.is_main,
+                                      cfg=cfg)
         if self.is_main:
             RunFolder(self.run_dir).check_writable()
         seed_everything(cfg.train.seed, cfg.train.deterministic)
@@ -163,9 +178,10 @@ class Trainer:
         self.best_epoch = 0
         self.skipped = 0
         self.history: list[dict[str, Any]] = []
+        self.resumed = False
         if self.resume:
             self._load_resume()
-        if self.is_main:
+        if self.is_main and not self.resumed:  # a resumed run keeps the config.yaml it started with
             dump_config(cfg, self.run_dir / "config.yaml")
         self._fire("on_fit_start")
 
@@ -178,9 +194,25 @@ class Trainer:
         if not path.is_file():
             if isinstance(self.resume, (str, Path)):
                 raise KDLabError(f"--resume {str(path)!r}: no such checkpoint")
+            folder = RunFolder(self.run_dir)
+            if folder.holds_run():  # starting from scratch would write over it
+                raise KDLabError(
+                    f"--resume: {folder} holds a run ({folder.describe()}) but no last.pt to continue from "
+                    f"(train.save=last keeps one; this run has train.save={self.cfg.train.save}); train it "
+                    "again with --overwrite, or into another folder with name=...")
             log.info("no checkpoint at %s: starting from scratch", path)
             return
         ckpt = Checkpoint.load(path, map_location=self.device)
+        if ckpt.config:  # the one "same experiment" rule, also for a checkpoint of another folder
+            problem = RunFolder(self.run_dir).resume_refusal(self.cfg, saved=as_experiment(ckpt.config),
+                                                             source=str(path))
+            if problem:
+                raise ResumeMismatch(problem)
+        if ckpt.optimizer is None:
+            raise KDLabError(
+                f"cannot resume from {str(path)!r}: it holds the weights only (best.pt, and every checkpoint "
+                "unless train.save=last); --resume needs a last.pt written with train.save=last. To start a "
+                f"new run from these weights, set model.checkpoint={path}")
         if ckpt.model.name != self.cfg.model.name:
             raise KDLabError(
                 f"cannot resume from {str(path)!r}: it trained {ckpt.model.name!r}, the config trains "
@@ -196,6 +228,7 @@ class Trainer:
         self.skipped = ckpt.skipped_batches
         self.history = list(ckpt.history)
         self.start_epoch = ckpt.epoch + 1
+        self.resumed = True
         for callback in self.callbacks:
             if callback.key and callback.key in ckpt.callbacks:
                 callback.load_state_dict(ckpt.callbacks[callback.key])
@@ -275,10 +308,14 @@ class Trainer:
         stop_at = self.total_steps - (epoch - 1) * self.steps_per_epoch  # train.iterations ends mid-epoch
         per_step = cfg.schedule.unit == "iteration"
         self._fire("on_epoch_start", epoch, start)
+        # Ctrl-C during a step waits for its end (a step is never split); between steps it acts at once.
+        gate = InterruptGate("Ctrl-C: the run stops at the end of this step, with a checkpoint", holding=False)
+        gate.install()
         try:
             for raw in self.train_loader:
                 if batches >= stop_at:
                     break
+                gate.hold()
                 batch = self.task.to_batch(raw, self.device, channels_last=cfg.train.channels_last)
                 self._fire("on_batch", batch, epoch)
                 result = self.step(batch, epoch)
@@ -299,12 +336,15 @@ class Trainer:
                     sums["count"] = sums.get("count", 0) + n
                 batches += 1
                 self._fire("on_step_end", batches, result)
+                gate.release()
                 if batches % cfg.train.check_every == 0:
                     self._check_nonfinite(epoch)
             self._check_nonfinite(epoch)
         except KeyboardInterrupt:
             self._interrupted(epoch, {"batches": batches, "sums": {k: float(v) for k, v in sums.items()}})
             raise
+        finally:
+            gate.restore()
         self.epoch_sums = sums
         keys = sorted(sums)
         packed = torch.stack([torch.as_tensor(sums[k], device=self.device, dtype=torch.float64) for k in keys]) \
@@ -321,7 +361,8 @@ class Trainer:
 
     def _interrupted(self, epoch: int, position: dict[str, Any]) -> None:
         self._was_interrupted = True
-        self._fire("on_interrupt", epoch, position)
+        with InterruptGate(SAVING):  # a second Ctrl-C must not abort the save
+            self._fire("on_interrupt", epoch, position)
 
     def _evaluate(self, epoch: int) -> dict[str, float]:
         broadcast_buffers(self.distiller.student, self.dist)  # evaluate what rank 0 saves
@@ -334,7 +375,41 @@ class Trainer:
             raise
 
     def fit(self) -> RunResult:
-        self.setup()
+        folder = RunFolder(self.run_dir)
+        try:
+            self.setup()
+        except BaseException:
+            folder.release(abandon=True)  # a run that failed before it started leaves no folder behind
+            raise
+        try:
+            return self._fit()
+        except OSError as exc:
+            failure = self._write_failure(exc)
+            if failure is None:
+                raise
+            raise failure from None
+        finally:
+            folder.release()  # the next writer may take the folder
+
+    def _write_failure(self, exc: OSError) -> KDLabError | None:
+        """The one message of a run file that could not be written (None: `exc` is no such failure)."""
+        name = exc.filename
+        inside = name is not None and Path(name).resolve().is_relative_to(self.run_dir.resolve())
+        if not (inside or (name is None and exc.errno in _WRITE_ONLY_ERRNOS)):
+            return None
+        last = self.run_dir / "last.pt"
+        try:
+            saved = Checkpoint.load(last)
+            where = f"epoch {saved.epoch + 1}, batch {saved.partial['batches']}" if saved.partial \
+                else f"epoch {saved.epoch}"
+            kept = f"{last} ({where}) is intact"
+        except KDLabError:
+            kept = "no checkpoint was written before it"
+        return KDLabError(
+            f"cannot write {name or f'a file in {self.run_dir}'} ({exc.strerror or exc}); training stopped. {kept}. "
+            f"Free disk space or make {self.run_dir} writable, then continue with the same command and --resume")
+
+    def _fit(self) -> RunResult:
         cfg = self.cfg
         primary = self.task.primary_metric
         self._was_interrupted = False
@@ -358,7 +433,13 @@ class Trainer:
                 row["time_s"] = time.perf_counter() - t0
                 self.history.append(row)
                 self.start_batch, self.partial = 0, None
-                self._fire("on_epoch_end", epoch, row)
+                with InterruptGate(SAVING) as gate:  # the epoch's checkpoints are written whole
+                    self._fire("on_epoch_end", epoch, row)
+                if gate.pending:
+                    self._was_interrupted = True
+                    log.warning("interrupted at the end of epoch %d, whose checkpoint is saved; --resume continues "
+                                "from there", epoch)
+                    raise KeyboardInterrupt
         finally:
             self._fire("on_fit_end")
             if not self._was_interrupted:
@@ -375,7 +456,8 @@ class Trainer:
             best_epoch=self.best_epoch, skipped_batches=self.skipped, primary_metric=self.task.primary_metric,
             last=last, best=dict(self.best), history=self.history,
         )
-        if self.is_main:
+        trained = self.start_epoch <= self.epochs  # else a finished run resumed: it stays as it was
+        if self.is_main and (trained or not RunFolder(self.run_dir).is_finished()):
             RunFolder(self.run_dir).write_result(result.to_json())
         return result
 

@@ -73,12 +73,12 @@ class RunRecord:
 
 
 def read_run(run_dir: str | Path) -> RunRecord:
-    """A `RunRecord` from `<run_dir>/result.json` and `<run_dir>/config.yaml` (read as the
-    current schema reads it, so runs trained before a new setting existed compare fairly)."""
+    """A `RunRecord` from `<run_dir>/result.json` and `<run_dir>/config.yaml` (the resolved config
+    as written; `same_up_to_seed` reads it as the current schema does when that matters)."""
     folder = RunFolder(run_dir)
     run_dir = folder.path
     result = folder.read_result()
-    config: dict[str, Any] = folder.experiment() or {}
+    config: dict[str, Any] = folder.saved_config() or {}
     name = str(config.get("name") or run_dir.name)
     group, seed = split_seed_name(name)
     if seed is None and config.get("train", {}).get("seed") is not None:
@@ -133,6 +133,17 @@ class GroupSummary:
         return self.runs[0]
 
 
+def same_up_to_seed(a: RunRecord, b: RunRecord) -> bool:
+    """Whether two runs are the same experiment but for their seed. The saved configs are
+    compared as written; only when they differ are they read as the current schema reads them
+    (defaults of settings added since filled in, which needs the method registry and so torch),
+    so that runs trained before a new setting existed compare fairly."""
+    if not run_differences(a.config, b.config, across_seeds=True):
+        return True
+    full = [RunFolder(r.run_dir).experiment() or {} for r in (a, b)]
+    return not run_differences(full[0], full[1], across_seeds=True)
+
+
 def group_runs(records: Iterable[RunRecord], root: str | Path | None = None) -> list[GroupSummary]:
     """Group runs by name without the `_seed<k>` suffix (and by parent folder relative to
     `root`, so equal names in different sub-folders stay apart)."""
@@ -152,8 +163,7 @@ def group_runs(records: Iterable[RunRecord], root: str | Path | None = None) -> 
     for key, runs in groups.items():
         runs.sort(key=lambda r: (r.seed if r.seed is not None else -1, r.name))
         stats = {m: mean_std([r.metrics[m] for r in runs]) for m in METRICS + DETECTION_METRICS}
-        first = runs[0].config
-        consistent = all(not run_differences(first, r.config, across_seeds=True) for r in runs[1:])
+        consistent = all(same_up_to_seed(runs[0], r) for r in runs[1:])
         out.append(GroupSummary(key, runs, stats, consistent))
     return sorted(out, key=lambda g: g.group)
 
@@ -218,5 +228,6 @@ def format_csv(groups: Sequence[GroupSummary]) -> str:
 
 __all__ = [
     "DETECTION_METRICS", "GroupSummary", "METRICS", "RunRecord", "find_runs", "fmt_mean_std", "format_csv", "format_text",
-    "group_runs", "mean_std", "read_run", "seed_run_name", "shown_metrics", "split_seed_name", "unfinished_runs",
+    "group_runs", "mean_std", "read_run", "same_up_to_seed", "seed_run_name", "shown_metrics", "split_seed_name",
+    "unfinished_runs",
 ]

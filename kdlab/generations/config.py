@@ -287,6 +287,12 @@ def load_chain(path: str | Path | None = None, overrides: Iterable[str] = (), da
         except ConfigError as exc:
             text = str(exc).replace("invalid config:", f"invalid chain config (experiment block, generation {m}):", 1)
             raise ConfigError(text) from None
+    kept = configs[0].train.save
+    if (kept, parsed.chain.checkpoint) in (("none", "best"), ("none", "last"), ("best", "last")):
+        raise ConfigError(f"invalid chain config: chain.checkpoint={parsed.chain.checkpoint} teaches each generation "
+                          f"with {parsed.chain.checkpoint}.pt of the one before, which experiment.train.save={kept} "
+                          "does not keep; set experiment.train.save=last"
+                          + (" or chain.checkpoint=best" if kept == "best" else ""))
     resolved = {"experiment": exp, "chain": parsed.chain.model_dump(mode="json")}
     return Chain(name=name, root=root, settings=parsed.chain, configs=configs, raw=resolved)
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from kdlab.config.schema import check_run_name
 from kdlab.engine.run_folder import RunFolder, RunFolderTaken, is_main_process, taken_message
 from kdlab.engine.trainer import Trainer
 from kdlab.errors import CheckpointError, ConfigError
@@ -39,9 +40,17 @@ def generation_folders(chain: Chain) -> list[RunFolder]:
 
 def chain_refusal(chain: Chain, *, resume: bool = False, overwrite: bool = False) -> str | None:
     """Why training this chain now would write over an earlier one (None when it would not):
-    the chain root holds generations, and neither `resume` nor `overwrite` was asked for."""
+    the chain root holds generations, and neither `resume` nor `overwrite` was asked for, or
+    another process trains the chain now. A chain name that leaves output_dir is a `ConfigError`."""
+    try:
+        check_run_name(chain.name)
+    except ValueError as exc:
+        raise ConfigError(f"invalid chain config: experiment.{exc}") from None
     if resume and overwrite:
         return f"--resume and --overwrite contradict each other (both for {chain.root}); pass one"
+    busy = RunFolder(chain.root).busy() if is_main_process() else None  # rank 0 holds the lock under torchrun
+    if busy:
+        return busy
     if resume or overwrite:
         return None
     taken = [f for f in generation_folders(chain) if f.holds_run()]
@@ -57,7 +66,10 @@ def claim_chain(chain: Chain, *, resume: bool = False, overwrite: bool = False, 
     problem = chain_refusal(chain, resume=resume, overwrite=overwrite)
     if problem:
         raise RunFolderTaken(problem)
-    if overwrite and (is_main_process() if is_main is None else is_main):
+    main = is_main_process() if is_main is None else is_main
+    if main:
+        RunFolder(chain.root).lock()  # one writer per chain (each generation's folder is locked too)
+    if overwrite and main:
         removed = [p for f in generation_folders(chain) for p in f.clear()]
         for name in CHAIN_FILES:
             if (chain.root / name).is_file():
@@ -103,6 +115,16 @@ def run_chain(chain: Chain, *, resume: bool = False, overwrite: bool = False, re
     """
     main = is_main_process()  # under torchrun every rank runs the chain; rank 0 writes its files
     claim_chain(chain, resume=resume, overwrite=overwrite, is_main=main)
+    try:
+        return _train_chain(chain, main, report=report, stop_after=stop_after)
+    except BaseException:
+        RunFolder(chain.root).release(abandon=True)  # a chain that never started leaves no folder behind
+        raise
+    finally:
+        RunFolder(chain.root).release()
+
+
+def _train_chain(chain: Chain, main: bool, *, report: bool, stop_after: int | None) -> dict[str, Any] | None:
     if main:
         chain.root.mkdir(parents=True, exist_ok=True)
         (chain.root / "chain.yaml").write_text(yaml.safe_dump(chain.raw, sort_keys=False))

@@ -36,10 +36,10 @@ from typing import Any, Literal, Sized
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
+from pydantic import Field, NonNegativeFloat, PositiveInt
 from torch import Tensor, nn
 
-from kdlab.config.schema import MethodConfig
+from kdlab.config.schema import MethodConfig, Temperature
 from kdlab.errors import CheckpointError, ConfigError, TrainingError
 from kdlab.losses import (
     contrast_indices,
@@ -67,7 +67,7 @@ class CRDConfig(MethodConfig):
     weight: NonNegativeFloat = 0.8  # of the summed student- and teacher-anchored NCE losses
     feat_dim: PositiveInt = 128
     num_negatives: PositiveInt = 16384
-    temperature: PositiveFloat = 0.07
+    temperature: Temperature = 0.07
     momentum: float = Field(default=0.5, ge=0.0, le=1.0)
     negatives: Literal["other_classes", "all"] = "other_classes"
 

@@ -34,10 +34,10 @@ from collections import OrderedDict
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import NonNegativeFloat, PositiveFloat, PositiveInt
+from pydantic import NonNegativeFloat, PositiveInt
 from torch import Tensor, nn
 
-from kdlab.config.schema import MethodConfig
+from kdlab.config.schema import MethodConfig, Temperature
 from kdlab.errors import ConfigError
 from kdlab.losses import dkd_terms, hcl_level_losses, kd_loss
 from kdlab.methods import register_method
@@ -55,7 +55,7 @@ class DetVanillaConfig(MethodConfig):
 class DetKDConfig(MethodConfig):
     # The authors' detection code has no KD setting; KD here uses DKD's temperature (1), weight 1.
     name: Literal["det_kd"] = "det_kd"
-    temperature: PositiveFloat = 1.0
+    temperature: Temperature = 1.0
     weight: NonNegativeFloat = 1.0
 
 
@@ -64,7 +64,7 @@ class DetDKDConfig(MethodConfig):
     name: Literal["det_dkd"] = "det_dkd"
     alpha: NonNegativeFloat = 1.0
     beta: NonNegativeFloat = 0.25
-    temperature: PositiveFloat = 1.0
+    temperature: Temperature = 1.0
 
 
 class DetReviewKDConfig(MethodConfig):
@@ -78,7 +78,7 @@ class DetReviewKDDKDConfig(DetReviewKDConfig):
     name: Literal["det_reviewkd_dkd"] = "det_reviewkd_dkd"  # type: ignore[assignment]
     alpha: NonNegativeFloat = 1.0
     beta: NonNegativeFloat = 0.25
-    temperature: PositiveFloat = 1.0
+    temperature: Temperature = 1.0
 
 
 class DetectionDistiller(Distiller):

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import NonNegativeFloat, NonNegativeInt, PositiveFloat, model_validator
+from pydantic import NonNegativeFloat, NonNegativeInt, model_validator
 from torch import Tensor
 
-from kdlab.config.schema import MethodConfig
+from kdlab.config.schema import MethodConfig, Temperature
 from kdlab.losses import cross_entropy, dkd_terms
 from kdlab.methods import register_method
 from kdlab.methods.base import Batch, Distiller, StepOutput, warmup_factor
@@ -32,7 +32,7 @@ class DKDConfig(MethodConfig):
     ce_weight: NonNegativeFloat = 1.0
     alpha: NonNegativeFloat = 1.0
     beta: NonNegativeFloat = 8.0
-    temperature: PositiveFloat = 4.0
+    temperature: Temperature = 4.0
     warmup_epochs: NonNegativeInt = 20
     terms: Terms = "dkd"
 

@@ -40,11 +40,11 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat
+from pydantic import Field, NonNegativeFloat, NonNegativeInt
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from kdlab.config.schema import MethodConfig
+from kdlab.config.schema import MethodConfig, Temperature
 from kdlab.data import build_datasets
 from kdlab.data.loading import resolve_workers
 from kdlab.data.sampling import SeededDataset
@@ -65,13 +65,13 @@ class DKDSplitConfig(MethodConfig):
     ce_weight: NonNegativeFloat = 1.0
     alpha: NonNegativeFloat = 1.0
     beta: NonNegativeFloat = 1.0
-    temperature: PositiveFloat = 4.0
+    temperature: Temperature = 4.0
     warmup_epochs: NonNegativeInt = 20
     half: Literal["top", "bottom"] = "top"
     fraction: float = Field(default=0.5, gt=0.0, le=1.0)
     split: Literal["global", "batch"] = "global"
     rank_view: Literal["plain", "augmented"] = "plain"
-    rank_temperature: PositiveFloat = 1.0
+    rank_temperature: Temperature = 1.0
     tckd: Literal["none", "all", "selected"] = "none"
     normalize: Literal["batch", "selected"] = "batch"
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, NonNegativeFloat, PositiveFloat
+from pydantic import Field, NonNegativeFloat
 from torch import Tensor
 
-from kdlab.config.schema import MethodConfig
+from kdlab.config.schema import MethodConfig, Temperature
 from kdlab.losses import cross_entropy, kd_loss
 from kdlab.methods import register_method
 from kdlab.methods.base import Batch, Distiller, StepOutput
@@ -15,7 +15,7 @@ from kdlab.methods.base import Batch, Distiller, StepOutput
 class KDConfig(MethodConfig):
     # Defaults are the CIFAR-100 KD baseline of the DKD authors' code.
     name: Literal["kd"] = "kd"
-    temperature: PositiveFloat = 4.0
+    temperature: Temperature = 4.0
     ce_weight: NonNegativeFloat = 0.1
     kd_weight: NonNegativeFloat = Field(default=0.9, ge=0.0)
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import NonNegativeFloat, PositiveFloat
+from pydantic import NonNegativeFloat
 from torch import Tensor
 
+from kdlab.config.schema import Temperature
 from kdlab.losses import dkd_terms
 from kdlab.methods import register_method
 from kdlab.methods.kd import teacher_target_confidence
@@ -24,7 +25,7 @@ class ReviewKDDKDConfig(ReviewKDConfig):
     name: Literal["reviewkd_dkd"] = "reviewkd_dkd"  # type: ignore[assignment]
     alpha: NonNegativeFloat = 1.0
     beta: NonNegativeFloat = 8.0
-    temperature: PositiveFloat = 4.0
+    temperature: Temperature = 4.0
 
 
 @register_method("reviewkd_dkd")

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, NonNegativeFloat, PositiveFloat, ValidationInfo, field_validator
+from pydantic import Field, NonNegativeFloat, ValidationInfo, field_validator
 from torch import Tensor
 
-from kdlab.config.schema import MethodConfig
+from kdlab.config.schema import MethodConfig, Temperature
 from kdlab.errors import ConfigError
 from kdlab.losses import cross_entropy, kd_loss
 from kdlab.losses.tolerant import (
@@ -100,7 +100,7 @@ class GenerationConfig(MethodConfig):
 
     name: Literal["generation"] = "generation"
     lam: float = Field(default=0.6, ge=0.0, le=1.0, description="weight of the teacher term (lambda)")
-    tau: PositiveFloat = Field(default=1.0, description="temperature of the teacher term")
+    tau: Temperature = Field(default=1.0, description="temperature of the teacher term")
 
 
 @register_method("generation")

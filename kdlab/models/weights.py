@@ -17,7 +17,12 @@ PyTorch's advice to disable `weights_only`) and the state-dict key-mismatch form
 """
 from __future__ import annotations
 
+import os
+import pickle
+import pickletools
 import re
+import stat
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -32,28 +37,77 @@ _WRAPPER_KEYS = ("state_dict", "model", "model_state", "model_ema")
 class UnreadableTorchFile(Exception):
     """`read_torch_file` failed. `problem` completes "<file> ...", for example "is corrupt or
     truncated (its zip archive is incomplete)"; `foreign` is True when the file holds pickled
-    Python objects other than tensors and plain containers."""
+    Python objects other than tensors and plain containers; `denied` when the file could not be
+    opened at all (permissions): then the file itself may be fine."""
 
-    def __init__(self, problem: str, foreign: bool) -> None:
+    def __init__(self, problem: str, foreign: bool, denied: bool = False) -> None:
         super().__init__(problem)
-        self.problem, self.foreign = problem, foreign
+        self.problem, self.foreign, self.denied = problem, foreign, denied
+
+
+def access_problem(path: str | Path, exc: OSError) -> str:
+    """Completes "<file> ..." for a file the operating system would not let kdlab read."""
+    if isinstance(exc, PermissionError):
+        try:
+            st = os.stat(path)
+            whose = f" (mode {stat.S_IMODE(st.st_mode):04o}, owner uid {st.st_uid})"
+        except OSError:  # its folder cannot be entered either
+            whose = " (on the file or its folder)"
+        return (f"cannot be read: permission denied{whose.rstrip()}; the file is not damaged: ask its owner to "
+                f"make it readable (chmod a+r {path}), or copy it somewhere you can read")
+    return f"cannot be read ({exc.strerror or exc})"
+
+
+def _pickled_globals(path: str | Path) -> list[str] | None:
+    """The Python objects a well-formed pickle in `path` names (torch.save's `data.pkl` inside its
+    zip archive, or a plain pickle), read opcode by opcode without running anything; None when the
+    file holds no well-formed pickle (it is damaged, or not a pickle at all)."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n.rsplit("/", 1)[-1] == "data.pkl"), None)
+                if name is None:
+                    return None
+                data = archive.read(name)
+        else:
+            data = Path(path).read_bytes()
+        names: list[str] = []
+        strings: list[str] = []
+        for op, arg, _ in pickletools.genops(data):
+            if isinstance(arg, str) and "UNICODE" in op.name:
+                strings.append(arg)
+            elif op.name in ("GLOBAL", "INST"):
+                names.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(".".join(strings[-2:]))
+    except Exception:  # noqa: BLE001 - any parse failure means: no well-formed pickle
+        return None
+    return [n for n in dict.fromkeys(names) if not n.startswith("torch.") and n != "collections.OrderedDict"]
 
 
 def read_torch_file(path: str | Path, map_location: Any = "cpu") -> Any:
     """`torch.load(path, weights_only=True)`: never executes code from the file.
 
-    Raises `UnreadableTorchFile` with kdlab's own wording. PyTorch's error text is never
-    passed on: it advises re-running `torch.load` with `weights_only=False`, which would
-    execute arbitrary code from an untrusted file.
+    Raises `UnreadableTorchFile` with kdlab's own wording, telling apart a file the operating
+    system will not open (`denied`), a well-formed pickle that holds other objects than tensors
+    and plain containers (`foreign`: torch's weights-only unpickler refused it) and a damaged file.
+    The distinction is made from the exception's type and the file itself (its pickle is parsed
+    opcode by opcode), not from torch's wording, which changes between versions. PyTorch's error
+    text is never passed on: it advises re-running `torch.load` with `weights_only=False`, which
+    would execute arbitrary code from an untrusted file.
     """
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
+    except OSError as exc:  # permissions, a folder, an I/O error: raised before anything is read
+        raise UnreadableTorchFile(access_problem(path, exc), foreign=False, denied=True) from None
     except Exception as exc:  # truncated zip, pickled classes, not a torch file at all
         text = str(exc)
-        foreign = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-        if foreign:
+        found = _pickled_globals(path) if isinstance(exc, pickle.UnpicklingError) else None
+        if found is not None:
+            named = re.search(r"GLOBAL ([\w.]+)", text)
+            shown = named.group(1) if named else ", ".join(found[:3]) or "objects of other types"
             raise UnreadableTorchFile(
-                f"holds pickled Python objects ({foreign.group(1)}), not only tensors and plain "
+                f"holds pickled Python objects ({shown}), not only tensors and plain "
                 "containers; kdlab never unpickles such objects, because unpickling runs code from the file",
                 foreign=True) from None
         if isinstance(exc, EOFError) or "zip archive" in text or "PytorchStreamReader" in text:
@@ -92,9 +146,9 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise CheckpointError(
             f"model.weights file {str(path)!r} does not exist; kdlab never downloads weights: "
-            "save them to a local file (e.g. torch.save(model.state_dict(), 'resnet18.pth') on a "
-            "machine with internet access, or the hub's .pth/.safetensors file) and point "
-            "model.weights (or teacher.weights) at it"
+            f"save them to that file (torch.save(model.state_dict(), {path.name!r}) on a machine with "
+            "internet access, or the hub's .pth/.safetensors file; docs/own-model.md shows how) and point "
+            "model.weights (or teacher.weights) at it, or remove model.weights to train from scratch"
         )
     fix = "use a .pth/.pt file written by torch.save(model.state_dict(), ...) or a .safetensors file"
     if path.suffix == ".safetensors":
@@ -111,7 +165,8 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         try:
             state = read_torch_file(path)
         except UnreadableTorchFile as exc:
-            raise CheckpointError(f"model.weights file {str(path)!r} {exc.problem}; {fix}") from None
+            raise CheckpointError(f"model.weights file {str(path)!r} {exc.problem}"
+                                  + ("" if exc.denied else f"; {fix}")) from None
     if isinstance(state, dict):
         for key in _WRAPPER_KEYS:
             inner = state.get(key)

@@ -38,21 +38,11 @@ from kdlab.experiments.results import mean_std
 from kdlab.experiments.seeds import seed_configs
 from kdlab.generations.config import is_chain_file, load_chain
 from kdlab.generations.runner import chain_refusal, run_chain
-from kdlab.reproduce.table import Row, load_rows
+from kdlab.reproduce.table import Row, load_rows, repo_root
 
 log = logging.getLogger("kdlab")
 
 RETRY = "kdlab reproduce ROW"
-
-
-def repo_root(explicit: str | Path | None = None) -> Path:
-    """Where the rows' `configs/...` paths are resolved: `explicit`, else the current folder
-    when it has `configs/`, else the source checkout that holds this package."""
-    if explicit is not None:
-        return Path(explicit)
-    if Path("configs").is_dir():
-        return Path(".")
-    return Path(__file__).resolve().parents[2]
 
 
 def split_overrides(overrides: Iterable[str]) -> tuple[list[str], list[str]]:
@@ -222,8 +212,12 @@ def _train(cfg: Any, plan: Plan, trained: set[Path], what: str = "run") -> Path:
         log.info("%s: finished earlier, reused", folder.path)
         trained.add(key)
         return folder.path
-    folder.claim(resume=plan.resume, overwrite=plan.overwrite, what=what, retry=RETRY)
-    Trainer(cfg, resume=True).fit()  # resume=True: claimed above; an interrupted run continues
+    folder.claim(resume=plan.resume, overwrite=plan.overwrite, what=what, retry=RETRY, cfg=cfg)
+    try:
+        Trainer(cfg, resume=True).fit()  # resume=True: claimed above; an interrupted run continues
+    except BaseException:
+        folder.release(abandon=True)  # a run that failed before it started leaves no folder behind
+        raise
     trained.add(key)
     return folder.path
 

@@ -110,4 +110,14 @@ def select_rows(patterns: Iterable[str], rows: list[Row] | None = None) -> list[
     return sorted(chosen, key=lambda r: order[r.id])
 
 
-__all__ = ["METRICS", "ROWS_FILE", "Row", "load_rows", "select_rows"]
+def repo_root(explicit: str | Path | None = None) -> Path:
+    """Where the rows' `configs/...` paths are resolved: `explicit`, else the current folder
+    when it has `configs/`, else the source checkout that holds this package."""
+    if explicit is not None:
+        return Path(explicit)
+    if Path("configs").is_dir():
+        return Path(".")
+    return Path(__file__).resolve().parents[2]
+
+
+__all__ = ["METRICS", "ROWS_FILE", "Row", "load_rows", "repo_root", "select_rows"]

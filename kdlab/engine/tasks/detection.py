@@ -101,10 +101,12 @@ class DetectionTask(Task):
         masks = parse_detector_name(self._model_name(cfg.model, "model")).has_masks
         train_images, train_ann, val_images, val_ann = data_paths(cfg)
         train = CocoSplit(train_images, train_ann, train=True, masks=masks, labels=det.labels,
+                          invalid_boxes=det.invalid_boxes,
                           transforms=detection_transforms(True, sizes=det.train_sizes, max_size=det.max_size,
                                                           hflip=det.hflip),
                           what=("detection.train_images", "detection.train_annotations"))
         val = CocoSplit(val_images, val_ann, train=False, labels=det.labels, transforms=detection_transforms(False),
+                        invalid_boxes=det.invalid_boxes,
                         what=("detection.val_images", "detection.val_annotations"))
         if train.class_names != val.class_names:
             raise DataError(f"the training and validation annotation files have different categories "

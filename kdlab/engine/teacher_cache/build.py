@@ -15,6 +15,7 @@ from kdlab.data import build_datasets
 from kdlab.data.arrays import base_of, uint8_images
 from kdlab.data.views import render
 from kdlab.engine.build import build_teacher
+from kdlab.engine.callbacks import bars_wanted
 from kdlab.engine.evaluate import autocast_context
 from kdlab.engine.teacher_cache.format import LOGITS_FILE, META_FILE, WHAT, expected_meta, train_spec
 from kdlab.errors import ConfigError, KDLabError
@@ -52,7 +53,7 @@ def build_cache(cfg: ExperimentConfig, path: str | Path, *, device: torch.device
     try:
         mm = np.memmap(tmp / LOGITS_FILE, dtype=np.float16, mode="w+", shape=(n, v, c))
         bar = tqdm(total=n, desc=f"caching {cfg.teacher.name}, {spec.describe()}", unit="img",
-                   disable=not progress, dynamic_ncols=True)
+                   disable=not bars_wanted(progress), dynamic_ncols=True)
         for start in range(0, n, per_batch):
             chunk = torch.from_numpy(pixels[start:start + per_batch]).to(device)
             # Every view of every image, image-major: row i * V + j is image i's view j.
