@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kdlab.config.schema import OptimConfig  # noqa: E402
+from kdlab.schema.experiment import OptimConfig  # noqa: E402
 from kdlab.engine.step import TrainStep  # noqa: E402
 from kdlab.methods import method_class  # noqa: E402
 from kdlab.methods.base import Batch  # noqa: E402

@@ -66,7 +66,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from kdlab.config.schema import OptimConfig  # noqa: E402
+from kdlab.schema.experiment import OptimConfig  # noqa: E402
 from kdlab.engine.step import TrainStep  # noqa: E402
 from kdlab.methods import list_methods, method_class  # noqa: E402
 from kdlab.methods.base import Batch, SetupContext  # noqa: E402
@@ -414,7 +414,7 @@ def data_times(bench: Bench, batches: int = 8) -> dict[str, float]:
     from kdlab.data.transforms import CIFAR100_MEAN, CIFAR100_STD, train_transform
     from kdlab.data.views import describe_transform
     from kdlab.engine.build import train_loader
-    from kdlab.config.schema import DataConfig
+    from kdlab.schema.experiment import DataConfig
 
     n = bench.args.batch * batches
     pixels = np.random.default_rng(0).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from kdlab.config.schema import DataConfig
+from kdlab.schema.experiment import DataConfig
 from kdlab.data import build_datasets
 from kdlab.engine.build import eval_loader
 from kdlab.engine.checkpoint import build_model_from_checkpoint

@@ -8,7 +8,7 @@ import torch
 
 import kdlab.data.coco  # noqa: F401  registers the detection dataset names (coco, shapes)
 import kdlab.models.detection  # noqa: F401  registers the det: model prefix
-from kdlab.config.detection import ShapesConfig
+from kdlab.schema.detection import ShapesConfig
 from kdlab.data.shapes import generate_shapes
 
 #: A shapes set small enough for a test: 64x48 canvases, a few objects of 8-24 pixels.

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kdlab.config.schema import DataConfig
+from kdlab.schema.experiment import DataConfig
 from kdlab.data import (
     DataBundle,
     RelabeledSubset,
@@ -94,7 +94,7 @@ def test_list_datasets():
 
 def test_unknown_dataset_suggests_closest():
     from kdlab.config import load_config
-    from kdlab.config.schema import DataConfig
+    from kdlab.schema.experiment import DataConfig
     from kdlab.errors import ConfigError
 
     # The config layer refuses the name when the config is loaded ...

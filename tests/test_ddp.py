@@ -109,7 +109,7 @@ def test_sync_bn_policy():
     def net():
         return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
 
-    from kdlab.config.schema import MethodConfig
+    from kdlab.schema.experiment import MethodConfig
 
     d = Tiny(net(), net(), MethodConfig(name="x"))
     assert convert_sync_bn(d, DistInfo(), "cpu") is d  # one process: nothing to synchronise

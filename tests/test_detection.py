@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdlab.config.detection import ShapesConfig
+from kdlab.schema.detection import ShapesConfig
 from kdlab.data.coco import CocoSplit, detection_transforms, read_annotations
 from kdlab.data.coco_eval import coco_metrics, detections_to_coco
 from kdlab.data.grouped import GroupedBatchSampler

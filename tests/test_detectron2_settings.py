@@ -24,7 +24,7 @@ from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.poolers import LevelMapper
 
 from kdlab.config import load_config
-from kdlab.config.schema import ModelConfig, OptimConfig
+from kdlab.schema.experiment import ModelConfig, OptimConfig
 from kdlab.engine.optim import build_optimizer
 from kdlab.errors import ConfigError
 from kdlab.models.box_losses import SmoothL1RetinaNetRegressionHead, SmoothL1RoIHeads, SmoothL1RPN, roi_box_loss
@@ -395,7 +395,7 @@ def test_the_detection_distillers_optimizer_spares_the_abf_batch_norms():
 def test_a_student_from_a_checkpoint_keeps_the_stages_its_weight_files_froze(tmp_path):
     from torchvision.models import resnet18
 
-    from kdlab.config.detection import DetectionConfig
+    from kdlab.schema.detection import DetectionConfig
     from kdlab.engine.checkpoint import Checkpoint
     from kdlab.engine.tasks.detection import DetectionTask
 

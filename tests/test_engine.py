@@ -10,7 +10,7 @@ from kdlab.config import load_config
 from kdlab.engine.checkpoint import Checkpoint
 from kdlab.engine.optim import lr_factor
 from kdlab.engine.trainer import Trainer
-from kdlab.config.schema import ScheduleConfig
+from kdlab.schema.experiment import ScheduleConfig
 
 
 def _fit(raw, **kwargs):

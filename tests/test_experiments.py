@@ -42,7 +42,7 @@ def cifar_root(tmp_path_factory):
 
 
 def _cifar(root, augment):
-    from kdlab.config.schema import DataConfig
+    from kdlab.schema.experiment import DataConfig
 
     return build_datasets(DataConfig(name="cifar100", root=str(root), augment=augment, num_workers=0), seed=0)
 
@@ -74,7 +74,7 @@ def test_autoaugment_only_in_training(cifar_root):
 
 
 def test_autoaugment_refuses_digits():
-    from kdlab.config.schema import DataConfig
+    from kdlab.schema.experiment import DataConfig
 
     with pytest.raises(DataError, match="augment=standard"):
         build_datasets(DataConfig(name="digits", augment="autoaugment"), seed=0)
@@ -82,7 +82,7 @@ def test_autoaugment_refuses_digits():
 
 # ----------------------------------------------------------------------------- label noise
 def _digits(**kw):
-    from kdlab.config.schema import DataConfig
+    from kdlab.schema.experiment import DataConfig
 
     return build_datasets(DataConfig(name="digits", num_workers=0, **kw), seed=0)
 
@@ -111,7 +111,7 @@ def test_noise_ratio_measured_and_seeded(tmp_path):
 
 
 def _cfg_data(ratio, seed):
-    from kdlab.config.schema import DataConfig
+    from kdlab.schema.experiment import DataConfig
 
     return DataConfig(name="digits", label_noise=ratio, noise_seed=seed)
 
@@ -167,7 +167,7 @@ class _Tensors(torch.utils.data.Dataset):
 
 
 def test_global_split_ranks_the_training_set_once(tmp_path):
-    from kdlab.config.schema import DataConfig
+    from kdlab.schema.experiment import DataConfig
 
     d = _split_distiller(split="global", half="bottom", rank_view="augmented")
     assert d.needs_sample_indices

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from kdlab.config import load_config
-from kdlab.config.schema import MIN_TEMPERATURE
+from kdlab.schema.experiment import MIN_TEMPERATURE
 from kdlab.data.coco import CocoSplit, detection_transforms
 from kdlab.engine.checkpoint import Checkpoint
 from kdlab.engine.trainer import Trainer
@@ -185,7 +185,7 @@ def _imagefolder(root: Path) -> Path:
 @pytest.mark.parametrize("content", [b"", b"this is not a JPEG"], ids=["empty", "not-an-image"])
 def test_a_corrupt_image_in_an_imagefolder_is_one_message_naming_it(tmp_path, content):
     from kdlab.data import build_datasets
-    from kdlab.config.schema import DataConfig
+    from kdlab.schema.experiment import DataConfig
 
     root = _imagefolder(tmp_path)
     bad = root / "train" / "b" / "broken.jpg"
@@ -201,7 +201,7 @@ def test_a_corrupt_image_read_in_a_loader_worker_is_the_same_one_message(tmp_pat
     from torch.utils.data import DataLoader
 
     from kdlab.data import build_datasets
-    from kdlab.config.schema import DataConfig
+    from kdlab.schema.experiment import DataConfig
 
     root = _imagefolder(tmp_path)
     bad = root / "train" / "b" / "broken.jpg"

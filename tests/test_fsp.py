@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kdlab.config import load_config
-from kdlab.config.schema import OptimConfig
+from kdlab.schema.experiment import OptimConfig
 from kdlab.errors import ConfigError
 from kdlab.losses.fsp import fsp_loss, fsp_matrix
 from kdlab.methods.phases import phase_losses

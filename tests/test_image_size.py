@@ -6,7 +6,7 @@ import pytest
 from torchvision import transforms as T
 
 from kdlab.config import load_config
-from kdlab.config.schema import DataConfig
+from kdlab.schema.experiment import DataConfig
 from kdlab.data import build_datasets
 from kdlab.data.transforms import eval_transform, train_transform
 from kdlab.errors import ConfigError, DataError

@@ -13,7 +13,7 @@ import yaml
 
 from kdlab.cli import main
 from kdlab.config import config_to_dict, load_config
-from kdlab.config.compare import run_differences
+from kdlab.schema.compare import run_differences
 from kdlab.engine.run_folder import RunFolder, RunFolderTaken, claim_cache_folder
 from kdlab.errors import ConfigError, KDLabError
 

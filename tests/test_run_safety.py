@@ -3,7 +3,7 @@
 - A run name stays inside output_dir, and --overwrite deletes only the files kdlab writes.
 - One writer per run folder: an OS file lock, released by the kernel when its process dies; a
   second writer (another real process here) is told which process holds the folder.
-- --resume continues only the same experiment (kdlab.config.compare), never rewrites config.yaml,
+- --resume continues only the same experiment (kdlab.schema.compare), never rewrites config.yaml,
   and refuses a longer schedule with the way on; the refusal hint repeats the user's overrides;
   a command that fails before training leaves no folder behind; `kdlab eval RUN_DIR` works.
 - Checkpoints are readable like the other run files (the umask), and a permission error, a refused
@@ -335,7 +335,7 @@ def test_permission_refused_pickle_and_corrupt_file_are_told_apart(tmp_path, cap
 
 
 def test_the_readme_lists_what_may_change_on_resume():
-    from kdlab.config.compare import VOLATILE
+    from kdlab.schema.compare import VOLATILE
 
     readme = (ROOT / "README.md").read_text()
     documented = readme[readme.index("What may change on resume"):readme.index("never rewrites `config.yaml`")]

@@ -7,7 +7,7 @@ import torch
 from scipy.stats import chi2_contingency, chisquare
 
 from kdlab.config import load_config
-from kdlab.config.schema import DataConfig
+from kdlab.schema.experiment import DataConfig
 from kdlab.data import build_datasets
 from kdlab.data.gpu_pipeline import gpu_loaders
 from kdlab.data.views import ViewSpec, crop_flip, describe_transform, epoch_views, render, view_of, views_of

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from kdlab.config.schema import OptimConfig
+from kdlab.schema.experiment import OptimConfig
 from kdlab.engine.optim import build_optimizer
 from kdlab.engine.step import NonFiniteMonitor, TrainStep
 from kdlab.methods.base import Batch, Distiller, StepOutput
@@ -165,7 +165,7 @@ def test_a_cpu_step_makes_the_allocator_keep_large_freed_blocks(setting, kept):
     code = (
         "import resource, torch\n"
         "from torch import nn\n"
-        "from kdlab.config.schema import OptimConfig\n"
+        "from kdlab.schema.experiment import OptimConfig\n"
         "from kdlab.engine.step import TrainStep\n"
         "from kdlab.engine.device import keep_freed_host_memory\n"
         "TrainStep(nn.Linear(2, 2), torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1),\n"

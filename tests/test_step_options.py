@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from kdlab.config import load_config
-from kdlab.config.schema import OptimConfig
+from kdlab.schema.experiment import OptimConfig
 from kdlab.engine.optim import build_optimizer
 from kdlab.engine.step import TrainStep, micro_batches
 from kdlab.errors import ConfigError

@@ -27,7 +27,7 @@ continue it with --resume, train into another folder with name=<new name>, or re
 with --overwrite (which deletes the files kdlab wrote for the earlier run, nothing else).
 --resume continues the same experiment only: a config that differs from the run's
 config.yaml in anything but where it is written, where the data lives, how fast it runs and
-how it logs (kdlab.config.compare.VOLATILE) is refused with the differing keys; so is a longer
+how it logs (kdlab.schema.compare.VOLATILE) is refused with the differing keys; so is a longer
 train.epochs (to train longer, start a new run with model.checkpoint=<run>/last.pt).
 config.yaml is never rewritten by --resume. One process writes a run folder at a time; a
 second is refused with the pid and host of the first.

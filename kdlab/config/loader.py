@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from kdlab.config.schema import ExperimentConfig, MethodConfig
+from kdlab.schema.experiment import ExperimentConfig, MethodConfig
 from kdlab.errors import ConfigError
 from kdlab.registry import UnknownNameError, closest
 

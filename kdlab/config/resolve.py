@@ -9,14 +9,14 @@ did-you-mean messages.
 from __future__ import annotations
 
 import kdlab.models  # noqa: F401  (importing the package registers the zoo and the tv:/timm:/py: prefixes)
-from kdlab.config.schema import MethodConfig
+from kdlab.schema.experiment import MethodConfig
 from kdlab.data import DATASETS
 from kdlab.methods import method_class
 from kdlab.models.registry import check_model_name
 
 
 class RegistryNames:
-    """`kdlab.config.schema.NameResolver` over kdlab's registries."""
+    """`kdlab.schema.experiment.NameResolver` over kdlab's registries."""
 
     def method_config(self, name: str) -> type[MethodConfig]:
         return method_class(name).Config

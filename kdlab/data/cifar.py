@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from kdlab.config.schema import DataConfig
+from kdlab.schema.experiment import DataConfig
 from kdlab.data.datasets import DataBundle, register_dataset, require_root
 from kdlab.data.transforms import (
     CIFAR10_MEAN,

@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.datasets import CocoDetection
 
-from kdlab.config.schema import DataConfig
+from kdlab.schema.experiment import DataConfig
 from kdlab.data.datasets import DataBundle, register_dataset
 from kdlab.data.folder import load_rgb
 from kdlab.errors import DataError

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
-from kdlab.config.schema import DataConfig
+from kdlab.schema.experiment import DataConfig
 from kdlab.data.noise import symmetric_label_noise
 from kdlab.errors import DataError
 from kdlab.registry import Registry, UnknownNameError

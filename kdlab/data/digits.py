@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from kdlab.config.schema import DataConfig
+from kdlab.schema.experiment import DataConfig
 from kdlab.data.datasets import DataBundle, register_dataset
 from kdlab.data.transforms import (
     Transform,

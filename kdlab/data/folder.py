@@ -26,7 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from kdlab.config.schema import DataConfig
+from kdlab.schema.experiment import DataConfig
 from kdlab.data.datasets import DataBundle, register_dataset, require_root
 from kdlab.data.transforms import (
     CIFAR10_MEAN,

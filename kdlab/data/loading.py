@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from kdlab.config.schema import DataConfig
+from kdlab.schema.experiment import DataConfig
 
 #: Most workers `auto` starts per training process on an accelerator.
 MAX_AUTO_WORKERS = 8

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from kdlab.config.detection import ShapesConfig
+from kdlab.schema.detection import ShapesConfig
 from kdlab.errors import DataError
 
 CLASSES = ("circle", "square", "triangle", "ring", "cross")

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from kdlab.config.schema import DataConfig, ExperimentConfig, ModelConfig
+from kdlab.schema.experiment import DataConfig, ExperimentConfig, ModelConfig
 from kdlab.engine.checkpoint import build_model_from_checkpoint
 from kdlab.data.loading import loader_options
 from kdlab.data.sampling import EpochSampler, SeededDataset

@@ -21,7 +21,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from kdlab.config.schema import OptimConfig, ScheduleConfig
+from kdlab.schema.experiment import OptimConfig, ScheduleConfig
 
 
 # Device types whose fused SGD/AdamW kernels exist; a fused step can skip itself on the device

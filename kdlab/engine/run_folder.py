@@ -22,7 +22,7 @@ One writer at a time: `claim` takes an exclusive `fcntl.flock` on `.kdlab.lock`,
 run ends (`release`) or its process dies (the kernel drops the lock then, so a killed run never
 leaves a stale lock); a second writer is refused with the holder's pid, host and command.
 
-`--resume` continues only the same experiment (`kdlab.config.compare`: what may differ is where
+`--resume` continues only the same experiment (`kdlab.schema.compare`: what may differ is where
 the run is written and the `VOLATILE` settings: where the data lives, how fast it runs, how it is
 logged). A longer schedule (`train.epochs`, `train.iterations`) is another experiment: it is
 refused with the way on, a new run initialised from this one (`model.checkpoint=<run>/last.pt`).
@@ -46,7 +46,7 @@ from typing import Any, Literal
 
 import yaml
 
-from kdlab.config.compare import run_differences
+from kdlab.schema.compare import run_differences
 from kdlab.config.loader import config_to_dict, validate_config
 from kdlab.errors import ConfigError, KDLabError
 
@@ -316,7 +316,7 @@ class RunFolder:
                   f"its weights: name=<new name> model.checkpoint={self.checkpoint('last')}.") if longer else ""
         return (f"--resume would continue {self.path} with another experiment than the one it trained "
                 f"({source} -> this config): {'; '.join(diffs[:8])}{' ...' if len(diffs) > 8 else ''}. On "
-                "resume only where the run is written and the settings of kdlab.config.compare.VOLATILE (data "
+                "resume only where the run is written and the settings of kdlab.schema.compare.VOLATILE (data "
                 f"location, workers, device, logging, ...) may change.{extend} Either continue the run as it "
                 f"was: kdlab train {self.config_path} --resume; or train this config into another folder: "
                 "name=<new name>; or replace the run: --overwrite")

@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from kdlab.config.schema import OptimConfig
+from kdlab.schema.experiment import OptimConfig
 from kdlab.engine.device import keep_freed_host_memory
 from kdlab.engine.evaluate import autocast_context
 from kdlab.engine.optim import build_optimizer

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from kdlab.config.loader import config_to_dict, dump_config
-from kdlab.config.schema import ExperimentConfig
+from kdlab.schema.experiment import ExperimentConfig
 from kdlab.data.sampling import sample_seed
 from kdlab.engine.build import make_distiller
 from kdlab.engine.callbacks import Callback, default_callbacks

@@ -5,7 +5,7 @@ end of a run) and `config.yaml` (read through `kdlab.engine.run_folder.RunFolder
 are grouped under `<name>`; every group reports n and, for last-epoch and best-epoch top-1
 and top-5 (box AP and AP50 for detection runs), the mean and the *sample* standard deviation (n - 1 in the denominator; 0 for a
 single run). Papers report either last or best accuracy, so both are shown. A group whose
-runs are not the same experiment up to their seed (`kdlab.config.compare`) is flagged.
+runs are not the same experiment up to their seed (`kdlab.schema.compare`) is flagged.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from kdlab.config.compare import run_differences
+from kdlab.schema.compare import run_differences
 from kdlab.engine.run_folder import RunFolder
 from kdlab.errors import KDLabError
 from kdlab.text_table import print_table

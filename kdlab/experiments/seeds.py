@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 from kdlab.config.loader import config_to_dict, validate_config
-from kdlab.config.schema import ExperimentConfig
+from kdlab.schema.experiment import ExperimentConfig
 from kdlab.engine.trainer import Trainer
 from kdlab.errors import ConfigError
 from kdlab.experiments.results import format_text, group_runs, read_run, seed_run_name

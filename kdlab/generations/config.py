@@ -28,7 +28,7 @@ from kdlab.config.loader import (
     apply_overrides, deep_merge, format_validation_errors, load_yaml_mapping, override_section, read_yaml,
     validate_config,
 )
-from kdlab.config.schema import ExperimentConfig, StrictModel
+from kdlab.schema.experiment import ExperimentConfig, StrictModel
 from kdlab.engine.run_folder import RunFolder
 from kdlab.errors import ConfigError
 from kdlab.methods.tolerant import TolerantConfig

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from kdlab.config.schema import check_run_name
+from kdlab.schema.experiment import check_run_name
 from kdlab.engine.run_folder import RunFolder, RunFolderTaken, is_main_process, taken_message
 from kdlab.engine.trainer import Trainer
 from kdlab.errors import CheckpointError, ConfigError

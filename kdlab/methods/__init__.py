@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from kdlab.config.schema import MethodConfig
+from kdlab.schema.experiment import MethodConfig
 from kdlab.methods.base import Distiller, StepOutput, warmup_factor
 from kdlab.registry import Registry
 

@@ -24,7 +24,7 @@ from typing import Literal
 from pydantic import NonNegativeFloat, PositiveFloat
 from torch import nn
 
-from kdlab.config.schema import MethodConfig
+from kdlab.schema.experiment import MethodConfig
 from kdlab.errors import ConfigError
 from kdlab.losses import cross_entropy
 from kdlab.losses.ab import ab_loss

@@ -19,7 +19,7 @@ from typing import Literal
 from pydantic import NonNegativeFloat, PositiveFloat, PositiveInt
 from torch import Tensor, nn
 
-from kdlab.config.schema import MethodConfig
+from kdlab.schema.experiment import MethodConfig
 from kdlab.losses import cross_entropy
 from kdlab.losses.at import at_loss
 from kdlab.methods import register_method

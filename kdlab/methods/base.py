@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Iterator, NamedTuple, Sequence, Sized
 import torch
 from torch import Tensor, nn
 
-from kdlab.config.schema import DataConfig, MethodConfig
+from kdlab.schema.experiment import DataConfig, MethodConfig
 
 
 @dataclass

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from pydantic import Field, NonNegativeFloat, PositiveInt
 from torch import Tensor, nn
 
-from kdlab.config.schema import MethodConfig, Temperature
+from kdlab.schema.experiment import MethodConfig, Temperature
 from kdlab.errors import CheckpointError, ConfigError, TrainingError
 from kdlab.losses import (
     contrast_indices,

@@ -37,7 +37,7 @@ import torch
 from pydantic import NonNegativeFloat, PositiveInt
 from torch import Tensor, nn
 
-from kdlab.config.schema import MethodConfig, Temperature
+from kdlab.schema.experiment import MethodConfig, Temperature
 from kdlab.errors import ConfigError
 from kdlab.losses import dkd_terms, hcl_level_losses, kd_loss
 from kdlab.methods import register_method

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import NonNegativeFloat, NonNegativeInt, model_validator
 from torch import Tensor
 
-from kdlab.config.schema import MethodConfig, Temperature
+from kdlab.schema.experiment import MethodConfig, Temperature
 from kdlab.losses import cross_entropy, dkd_terms
 from kdlab.methods import register_method
 from kdlab.methods.base import Batch, Distiller, StepOutput, warmup_factor

@@ -44,7 +44,7 @@ from pydantic import Field, NonNegativeFloat, NonNegativeInt
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from kdlab.config.schema import MethodConfig, Temperature
+from kdlab.schema.experiment import MethodConfig, Temperature
 from kdlab.data import build_datasets
 from kdlab.data.loading import resolve_workers
 from kdlab.data.sampling import SeededDataset

@@ -25,7 +25,7 @@ import torch
 from pydantic import NonNegativeFloat
 from torch import nn
 
-from kdlab.config.schema import MethodConfig
+from kdlab.schema.experiment import MethodConfig
 from kdlab.errors import ConfigError
 from kdlab.losses import cross_entropy
 from kdlab.losses.fsp import fsp_loss

@@ -25,7 +25,7 @@ import torch
 from pydantic import Field, NonNegativeFloat
 from torch import Tensor, nn
 
-from kdlab.config.schema import MethodConfig
+from kdlab.schema.experiment import MethodConfig
 from kdlab.errors import ConfigError
 from kdlab.losses import cross_entropy
 from kdlab.losses.ft import ft_loss, reconstruction_loss

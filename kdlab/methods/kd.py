@@ -6,7 +6,7 @@ from typing import Literal
 from pydantic import Field, NonNegativeFloat
 from torch import Tensor
 
-from kdlab.config.schema import MethodConfig, Temperature
+from kdlab.schema.experiment import MethodConfig, Temperature
 from kdlab.losses import cross_entropy, kd_loss
 from kdlab.methods import register_method
 from kdlab.methods.base import Batch, Distiller, StepOutput

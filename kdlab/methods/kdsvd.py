@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import NonNegativeFloat, PositiveInt
 from torch import nn
 
-from kdlab.config.schema import MethodConfig
+from kdlab.schema.experiment import MethodConfig
 from kdlab.errors import ConfigError
 from kdlab.losses import cross_entropy
 from kdlab.losses.kdsvd import KDSVD_K, kdsvd_loss

@@ -33,7 +33,7 @@ from typing import Iterator, Literal, Sequence
 from pydantic import NonNegativeFloat, PositiveInt
 from torch import Tensor, nn
 
-from kdlab.config.schema import MethodConfig
+from kdlab.schema.experiment import MethodConfig
 from kdlab.errors import ConfigError
 from kdlab.losses import cross_entropy
 from kdlab.losses.ofd import ofd_loss, ofd_margin

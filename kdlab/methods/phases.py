@@ -27,7 +27,7 @@ import torch
 from pydantic import NonNegativeInt
 from torch import Tensor
 
-from kdlab.config.schema import MethodConfig
+from kdlab.schema.experiment import MethodConfig
 from kdlab.errors import ConfigError
 from kdlab.methods.base import Distiller, SetupContext, StepOutput
 

@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import NonNegativeFloat
 from torch import nn
 
-from kdlab.config.schema import MethodConfig
+from kdlab.schema.experiment import MethodConfig
 from kdlab.losses import cross_entropy
 from kdlab.losses.pkt import pkt_loss
 from kdlab.methods import register_method

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from pydantic import NonNegativeFloat, NonNegativeInt, PositiveInt, model_validator
 from torch import Tensor, nn
 
-from kdlab.config.schema import MethodConfig
+from kdlab.schema.experiment import MethodConfig
 from kdlab.errors import ConfigError, TrainingError
 from kdlab.losses import cross_entropy, hcl_level_losses
 from kdlab.methods import register_method

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import NonNegativeFloat
 from torch import Tensor
 
-from kdlab.config.schema import Temperature
+from kdlab.schema.experiment import Temperature
 from kdlab.losses import dkd_terms
 from kdlab.methods import register_method
 from kdlab.methods.kd import teacher_target_confidence

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import NonNegativeFloat, PositiveFloat
 from torch import nn
 
-from kdlab.config.schema import MethodConfig
+from kdlab.schema.experiment import MethodConfig
 from kdlab.losses import cross_entropy
 from kdlab.losses.rkd import PDIST_EPS, rkd_terms
 from kdlab.methods import register_method

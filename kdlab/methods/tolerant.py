@@ -20,7 +20,7 @@ from typing import Literal
 from pydantic import Field, NonNegativeFloat, ValidationInfo, field_validator
 from torch import Tensor
 
-from kdlab.config.schema import MethodConfig, Temperature
+from kdlab.schema.experiment import MethodConfig, Temperature
 from kdlab.errors import ConfigError
 from kdlab.losses import cross_entropy, kd_loss
 from kdlab.losses.tolerant import (

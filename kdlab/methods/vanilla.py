@@ -6,7 +6,7 @@ from typing import Literal
 from pydantic import Field
 from torch import Tensor
 
-from kdlab.config.schema import MethodConfig
+from kdlab.schema.experiment import MethodConfig
 from kdlab.losses import cross_entropy
 from kdlab.methods import register_method
 from kdlab.methods.base import Batch, Distiller, StepOutput

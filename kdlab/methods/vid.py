@@ -23,7 +23,7 @@ import torch
 from pydantic import NonNegativeFloat, PositiveFloat
 from torch import Tensor, nn
 
-from kdlab.config.schema import MethodConfig
+from kdlab.schema.experiment import MethodConfig
 from kdlab.errors import ConfigError
 from kdlab.losses import cross_entropy
 from kdlab.losses.vid import VID_EPS, VID_INIT_VARIANCE, initial_log_scale, match_spatial, vid_nll, vid_variance

@@ -1,7 +1,7 @@
 """Tasks: what differs between classification and detection training (see `base.Task`)."""
 from __future__ import annotations
 
-from kdlab.config.schema import ExperimentConfig
+from kdlab.schema.experiment import ExperimentConfig
 from kdlab.engine.tasks.base import Task, TaskData
 from kdlab.engine.tasks.classification import ClassificationTask
 

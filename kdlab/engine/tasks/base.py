@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Iterable
 import torch
 from torch import nn
 
-from kdlab.config.schema import ExperimentConfig
+from kdlab.schema.experiment import ExperimentConfig
 from kdlab.data.datasets import DataBundle
 from kdlab.engine.distributed import DistInfo
 from kdlab.methods.base import Batch

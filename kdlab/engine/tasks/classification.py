@@ -7,7 +7,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from kdlab.config.schema import ExperimentConfig
+from kdlab.schema.experiment import ExperimentConfig
 from kdlab.data import build_datasets
 from kdlab.data.gpu_pipeline import gpu_loaders
 from kdlab.engine.build import build_network, eval_loader, train_loader

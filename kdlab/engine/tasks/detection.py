@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from kdlab.config.detection import DetectionConfig
-from kdlab.config.schema import ExperimentConfig, ModelConfig
+from kdlab.schema.detection import DetectionConfig
+from kdlab.schema.experiment import ExperimentConfig, ModelConfig
 from kdlab.data.coco import DETECTION_DATASETS, CocoSplit, collate_detection, detection_transforms
 from kdlab.data.coco_eval import coco_metrics, detections_to_coco
 from kdlab.data.datasets import DataBundle

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kdlab.config.schema import ExperimentConfig
+from kdlab.schema.experiment import ExperimentConfig
 from kdlab.data import build_datasets
 from kdlab.data.arrays import base_of, uint8_images
 from kdlab.data.views import render

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kdlab.config.schema import ExperimentConfig
+from kdlab.schema.experiment import ExperimentConfig
 from kdlab.data.arrays import base_of, uint8_image
 from kdlab.data.datasets import DataBundle
 from kdlab.data.sampling import SeededDataset

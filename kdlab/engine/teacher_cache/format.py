@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kdlab.config.schema import ExperimentConfig
+from kdlab.schema.experiment import ExperimentConfig
 from kdlab.data.arrays import base_of, uint8_image, uint8_images
 from kdlab.data.datasets import DataBundle
 from kdlab.data.gpu_pipeline import check_image_size, dataset_spec

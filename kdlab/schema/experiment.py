@@ -35,7 +35,7 @@ from pydantic import (
     model_validator,
 )
 
-from kdlab.config.detection import DetectionConfig
+from kdlab.schema.detection import DetectionConfig
 
 
 @runtime_checkable
