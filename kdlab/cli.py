@@ -14,10 +14,11 @@ import pkgutil
 import sys
 
 import kdlab.commands
+from kdlab.commands._common import add_import_arg
 from kdlab.errors import KDLabError
 
 DESCRIPTION = """\
-kdlab: knowledge distillation for image classifiers.
+kdlab: knowledge distillation for image classifiers and object detectors (task: detection).
 
 Methods: Hinton KD, DKD (decoupled KD), ReviewKD (knowledge review), tolerant teachers
 trained in generations. Every experiment is one YAML config; any value can be
@@ -60,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in _commands():
         module.register(sub)
+    for command in sub.choices.values():
+        add_import_arg(command)
     return parser
 
 
@@ -86,7 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     setup_logging(args.quiet)
     try:
-        return int(args.func(args) or 0)
+        # lazy: keeps `kdlab --help` fast (a plugin imports torch; the command is about to run anyway)
+        from kdlab.config.plugins import command_line_imports
+
+        with command_line_imports(args.imports):
+            return int(args.func(args) or 0)
     except KDLabError as exc:
         print(f"kdlab {args.command}: error: {exc}", file=sys.stderr)
         return 2

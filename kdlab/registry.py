@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
 from typing import Callable, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -91,3 +95,18 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def import_file(path: Path, module_name: str) -> ModuleType:
+    """Import the Python file `path` as module `module_name`, kept in `sys.modules` (pydantic
+    resolves annotations and pickle finds classes through it), so the registrations it makes run.
+    A file that fails to import leaves no module behind; its error propagates."""
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module

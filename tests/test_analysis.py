@@ -119,6 +119,20 @@ def _write_metrics(run, rows):
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def test_plot_curves_draws_box_and_mask_ap_of_detection_runs(tmp_path, recwarn):
+    nan = float("nan")
+    box = [{"epoch": e, "train/loss": 2.0 / e, "val/bbox_ap": 10.0 * e, "val/bbox_ap50": 20.0 * e, "val/bbox_aps": nan,
+            "val/segm_ap": nan} for e in (1, 2)]
+    mask = [{**r, "val/segm_ap": 8.0 * r["epoch"]} for r in box]
+    _write_metrics(tmp_path / "runs" / "box", box)
+    _write_metrics(tmp_path / "runs" / "mask", mask)
+    info = plot_curves([tmp_path / "runs" / "box"], tmp_path / "b.png")
+    assert info["panels"] == ["bbox_ap", "train/loss"]  # no empty top-1 panel, no NaN-only AP panel
+    both = plot_curves([tmp_path / "runs"], tmp_path / "m.png")
+    assert both["panels"][:2] == ["bbox_ap", "segm_ap"] and _is_png(tmp_path / "m.png")
+    assert not [w for w in recwarn if "legend" in str(w.message).lower()]
+
+
 def test_plot_curves_overlays_runs(tmp_path):
     kd = [{"epoch": e, "lr": 0.05, "train/ce": 1.0 / e, "train/kd": 0.5 / e, "train/loss": 1.5 / e,
            "train/top1": 40 + e, "val/top1": 30 + e, "val/top5": 60.0, "stat/teacher_conf": 0.8} for e in (1, 2, 3)]
@@ -129,7 +143,7 @@ def test_plot_curves_overlays_runs(tmp_path):
     info = plot_curves([tmp_path / "runs" / "kd", tmp_path / "runs" / "dkd"], tmp_path / "c.png", stats=True, lr=True)
     assert _is_png(tmp_path / "c.png")
     assert info["runs"] == ["kd", "dkd"]
-    assert info["panels"] == ["accuracy", "train/ce", "train/kd", "train/nckd", "train/tckd", "train/loss",
+    assert info["panels"] == ["top1", "train/ce", "train/kd", "train/nckd", "train/tckd", "train/loss",
                               "stat/teacher_conf", "lr"]
     # A folder of runs stands for every run below it.
     assert plot_curves([tmp_path / "runs"], tmp_path / "all.png")["runs"] == ["dkd", "kd"]

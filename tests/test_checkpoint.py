@@ -1,9 +1,11 @@
-"""The versioned checkpoint type: round trip, today's (version 1) files, version checks, and
+"""The versioned checkpoint type: round trip, files of versions 1 and 2 in exactly the layouts
+those kdlabs wrote, the self-saving components of version 3 (issue 20), version checks, and
 corrupt or foreign files refused without PyTorch's unsafe advice (issue 14)."""
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ import torch
 from kdlab.cli import main
 from kdlab.config import config_to_dict, load_config
 from kdlab.engine.build import build_distiller
+from kdlab.engine.callbacks import Callback
 from kdlab.engine.checkpoint import (
     CURRENT_VERSION,
     FORMAT,
@@ -88,11 +91,12 @@ def test_version_1_loads_into_the_new_type(v1):
     assert ckpt.optimizer == raw["optimizer"] and ckpt.scheduler == raw["scheduler"]
     for k, v in raw["model_state"].items():
         assert torch.equal(ckpt.model_state[k], v), k
-    # Saved again, it is a version-2 file with `best` instead of best_top1/best_top5.
+    # Saved again, it is a version-3 file: `best` inside the train state, no best_top1/best_top5.
     again = path.with_name("again.pt")
     ckpt.save(again)
     on_disk = torch.load(again, weights_only=True)
-    assert on_disk["version"] == CURRENT_VERSION == 2 and on_disk["best"] == {"top1": 61.5, "top5": 94.5}
+    assert on_disk["version"] == CURRENT_VERSION == 3
+    assert on_disk["state"]["train"]["best"] == {"top1": 61.5, "top5": 94.5}
     assert "best_top1" not in on_disk and Checkpoint.load(again).best == ckpt.best
 
 
@@ -164,7 +168,8 @@ def test_round_trip_keeps_every_field(tmp_path):
 def test_best_properties_are_nan_without_an_evaluation():
     ckpt = Checkpoint(ModelRecord("resnet8", 10, {}), {})
     assert math.isnan(ckpt.best_top1) and math.isnan(ckpt.best_top5)
-    assert Checkpoint(ModelRecord("det", 3, {}), {}, best={"bbox_ap": 0.3}).best == {"bbox_ap": 0.3}
+    detector = Checkpoint(ModelRecord("det", 3, {}), {}, state={"train": {"best": {"bbox_ap": 0.3}}})
+    assert detector.best == {"bbox_ap": 0.3}
 
 
 def _saved(tmp_path, **changes) -> Path:
@@ -176,21 +181,21 @@ def _saved(tmp_path, **changes) -> Path:
 
 def test_a_newer_version_is_refused_naming_both_versions(tmp_path):
     with pytest.raises(CheckpointError) as info:
-        Checkpoint.load(_saved(tmp_path, version=3))
+        Checkpoint.load(_saved(tmp_path, version=4))
     msg = str(info.value)
-    assert "written by a newer kdlab (format version 3)" in msg and "reads 'kdlab-checkpoint' versions 1-2" in msg
+    assert "written by a newer kdlab (format version 4)" in msg and "reads 'kdlab-checkpoint' versions 1-3" in msg
     assert msg.endswith("upgrade kdlab")
 
 
 @pytest.mark.parametrize("version", [0, "2", None])
 def test_an_unknown_version_is_refused(tmp_path, version):
-    with pytest.raises(CheckpointError, match=r"unknown format version .*versions 1-2"):
+    with pytest.raises(CheckpointError, match=r"unknown format version .*versions 1-3"):
         Checkpoint.load(_saved(tmp_path, version=version))
 
 
 def test_an_unknown_format_marker_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"format 'kdlab-checkpoint-ng', which this kdlab does not know .*"
-                                              r"versions 1-2.*upgrade kdlab"):
+                                              r"versions 1-3.*upgrade kdlab"):
         Checkpoint.load(_saved(tmp_path, format="kdlab-checkpoint-ng"))
 
 
@@ -269,3 +274,104 @@ def test_a_file_that_is_not_a_dict_is_refused(tmp_path):
     torch.save([torch.zeros(1)], tmp_path / "list.pt")
     with pytest.raises(CheckpointError, match="not a kdlab checkpoint .*holds a list"):
         Checkpoint.load(tmp_path / "list.pt")
+
+
+# ----------------------------------------------------------------------------- versions 2 and 3
+
+#: The keys `Checkpoint.to_dict` wrote in format version 2 (kdlab before issue 20), in that order.
+V2_KEYS = ("format", "model", "model_state", "method", "extra_state", "optimizer", "scheduler", "scaler", "epoch",
+           "best", "best_epoch", "skipped_batches", "history", "rng", "partial", "callbacks", "config",
+           "class_names", "version")
+
+
+def as_version_2(ckpt: Checkpoint) -> dict:
+    """`ckpt` in exactly the version-2 layout: each component and each field of the run's
+    position a key of its own, callbacks' state under `callbacks`."""
+    raw = {"format": FORMAT, "model": asdict(ckpt.model), "model_state": ckpt.model_state, "method": ckpt.method,
+           "extra_state": ckpt.extra_state, "optimizer": ckpt.optimizer, "scheduler": ckpt.scheduler,
+           "scaler": ckpt.scaler, "epoch": ckpt.epoch, "best": ckpt.best, "best_epoch": ckpt.best_epoch,
+           "skipped_batches": ckpt.skipped_batches, "history": ckpt.history, "rng": ckpt.rng,
+           "partial": ckpt.partial, "callbacks": ckpt.callbacks, "config": ckpt.config,
+           "class_names": ckpt.class_names, "version": 2}
+    assert tuple(raw) == V2_KEYS
+    return raw
+
+
+class _StopAfterSteps(Callback):
+    """Ctrl-C after `steps` optimizer steps of the run."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_step_end(self, run, batch_number, result) -> None:
+        if run.state.step == self.steps:
+            raise KeyboardInterrupt
+
+
+class _StepCounter(Callback):
+    """A stateful callback: counts the steps it saw, and what it was given back on resume."""
+
+    key = "counter"
+
+    def __init__(self) -> None:
+        self.steps, self.loaded = 0, None
+
+    def on_step_end(self, run, batch_number, result) -> None:
+        self.steps += 1
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loaded, self.steps = dict(state), state["steps"]
+
+
+def _trained(cfg_raw: dict, name: str, **kwargs) -> tuple[Path, dict]:
+    from kdlab.engine.trainer import Trainer
+
+    result = Trainer(load_config(data={**cfg_raw, "name": name}), **kwargs).fit()
+    return Path(result.run_dir), Checkpoint.load(Path(result.run_dir) / "last.pt").model_state
+
+
+def test_a_version_2_file_resumes_exactly_as_its_version_3_twin(make_config, tmp_path):
+    from kdlab.engine.trainer import Trainer
+
+    raw_cfg = make_config(name="cut", train={"epochs": 2})  # 4 steps per epoch
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(load_config(data=raw_cfg), callbacks=[_StopAfterSteps(3)]).fit()
+    last = Path(raw_cfg["output_dir"]) / "cut" / "last.pt"
+    v3 = Checkpoint.load(last)
+    assert v3.version == 3 and v3.partial["batches"] == 3 and v3.train.step == 3
+    torch.save(as_version_2(v3), tmp_path / "v2.pt")
+    v2 = Checkpoint.load(tmp_path / "v2.pt")
+    assert v2.version == 2 and set(v2.state) == set(v3.state) == {"train", "extras", "optimizer", "scheduler", "rng"}
+    assert (v2.epoch, v2.partial, v2.history) == (v3.epoch, v3.partial, v3.history)
+    dir3, weights3 = _trained(raw_cfg, "from_v3", resume=str(last))
+    dir2, weights2 = _trained(raw_cfg, "from_v2", resume=str(tmp_path / "v2.pt"))
+    assert weights2.keys() == weights3.keys() and all(torch.equal(weights2[k], weights3[k]) for k in weights3)
+    rows = [[{k: v for k, v in r.items() if k != "time_s"} for r in Checkpoint.load(d / "last.pt").history]
+            for d in (dir2, dir3)]
+    assert rows[0] == rows[1] and [r["epoch"] for r in rows[0]] == [1, 2]
+
+
+def test_version_3_saves_components_it_does_not_know_field_by_field(make_config, caplog):
+    from kdlab.engine.trainer import Trainer
+
+    raw_cfg = make_config(name="parts", train={"epochs": 2})
+    first = _StepCounter()
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(load_config(data=raw_cfg), callbacks=[first, _StopAfterSteps(6)]).fit()
+    last = Path(raw_cfg["output_dir"]) / "parts" / "last.pt"
+    on_disk = torch.load(last, weights_only=True)
+    assert set(on_disk) == {"format", "version", "model", "model_state", "method", "config", "class_names", "state"}
+    assert on_disk["state"]["callback/counter"] == {"steps": 6}
+    assert on_disk["state"]["train"]["partial"]["batches"] == 2 and on_disk["state"]["train"]["epoch"] == 1
+    # A component of another kdlab (or a callback this run lacks) is named in the log, not refused.
+    on_disk["state"]["callback/gone"] = {"x": 1}
+    torch.save(on_disk, last)
+    again = _StepCounter()
+    with caplog.at_level("INFO", logger="kdlab"):
+        Trainer(load_config(data=raw_cfg), resume=True, callbacks=[again]).fit()
+    assert again.loaded == {"steps": 6} and again.steps == 8
+    assert "no use for (ignored): callback/gone" in caplog.text
+    assert Checkpoint.load(last).train.step == 8 and Checkpoint.load(last).callbacks == {"counter": {"steps": 8}}

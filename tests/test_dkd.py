@@ -350,7 +350,7 @@ def test_training_logs_every_term(make_config, tmp_path):
         assert 0.0 < row["stat/teacher_conf"] < 1.0
     # Epoch 1 of a 2-epoch warm-up weighs the terms by 1/2 (beta = 2 for NCKD).
     assert rows[0]["train/nckd"] == pytest.approx(0.5 * 2.0 * rows[0]["stat/nckd"], rel=1e-6)
-    assert math.isfinite(result.last_top1)
+    assert math.isfinite(result.last["top1"])
 
 
 # ------------------------------------------------------------------ the configs

@@ -29,14 +29,15 @@ def test_training_lowers_the_loss_and_logs_every_term(make_config, tmp_path):
     assert rows[-1]["train/ce"] < rows[0]["train/ce"]
     # Last = the final epoch's validation top-1; best = the first epoch with the highest one.
     val = [r["val/top1"] for r in rows]
-    assert result.last_top1 == pytest.approx(val[-1])
-    assert result.best_top1 == pytest.approx(max(val))
+    assert result.last["top1"] == pytest.approx(val[-1])
+    assert result.best["top1"] == pytest.approx(max(val))
     assert result.best_epoch == val.index(max(val)) + 1
-    assert result.best_top1 > 10.0  # better than chance on 10 classes
+    assert result.best["top1"] > 10.0  # better than chance on 10 classes
     for key in ("lr", "train/loss", "train/top1", "val/top1", "val/top5", "val/loss", "best_top1"):
         assert key in rows[0]
     saved = json.loads((tmp_path / "runs" / "tiny" / "result.json").read_text())
-    assert saved["best_top1"] == pytest.approx(result.best_top1)
+    assert saved["best"]["top1"] == pytest.approx(result.best["top1"]) and saved["headline"] == ["top1", "top5"]
+    assert "last_top1" not in saved  # the metrics are the task's dicts, nothing flattened beside them
     assert (tmp_path / "runs" / "tiny" / "config.yaml").is_file()
 
 
@@ -94,7 +95,7 @@ def test_ctrl_c_mid_epoch_saves_and_resume_equals_uninterrupted(make_config, tmp
     b = Checkpoint.load(f"{resumed.run_dir}/last.pt").model_state
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert resumed.last_top1 == pytest.approx(ref.last_top1)
+    assert resumed.last["top1"] == pytest.approx(ref.last["top1"])
     ref_rows, cut_rows = _metrics(tmp_path / "runs" / "ref"), _metrics(tmp_path / "runs" / "cut")
     assert [r["epoch"] for r in cut_rows] == [1, 2]  # no epoch logged twice
     assert cut_rows[1]["train/loss"] == pytest.approx(ref_rows[1]["train/loss"])
@@ -104,7 +105,7 @@ def test_finished_run_resumes_to_the_same_result(make_config):
     raw = make_config(train={"epochs": 2})
     first = _fit(raw)
     again = _fit(raw, resume=True)
-    assert again.best_top1 == first.best_top1 and again.last_top1 == first.last_top1
+    assert again.best == first.best and again.last == first.last
 
 
 def test_checkpoint_retention_is_bounded(make_config, tmp_path):

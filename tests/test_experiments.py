@@ -236,7 +236,7 @@ def test_train_seeds_and_results_table(make_config, tmp_path, capsys):
     assert main(["results", str(runs), "--csv"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert len(rows) == 1 and rows[0]["run"] == "sweep" and rows[0]["n"] == "2"
-    lasts = [json.loads((runs / f"sweep_seed{k}" / "result.json").read_text())["last_top1"] for k in (4, 5)]
+    lasts = [json.loads((runs / f"sweep_seed{k}" / "result.json").read_text())["last"]["top1"] for k in (4, 5)]
     assert float(rows[0]["last_top1_mean"]) == pytest.approx(sum(lasts) / 2, abs=1e-3)
 
 
@@ -300,9 +300,9 @@ def test_detection_runs_are_tabulated_by_box_ap(tmp_path):
     groups = group_runs(find_runs(tmp_path / "det"), root=tmp_path / "det")
     assert groups[0].stats["last_bbox_ap"] == pytest.approx((42.0, math.sqrt(8.0)))
     text = format_text(groups)
-    assert "last box AP" in text and "top-1" not in text and "42.00 ± 2.83" in text and "62.00 ± 2.83" in text
+    assert "last bbox_ap" in text and "top1" not in text and "42.00 ± 2.83" in text and "62.00 ± 2.83" in text
     parsed = list(csv.DictReader(io.StringIO(format_csv(groups))))
     assert float(parsed[0]["best_bbox_ap_mean"]) == pytest.approx(43.0) and "last_top1_mean" not in parsed[0]
     _fake_run(tmp_path / "det", "kd", 0, 73.3, 73.5)
     both = format_text(group_runs(find_runs(tmp_path / "det"), root=tmp_path / "det"))
-    assert "last top-1" in both and "last box AP" in both and "73.30" in both
+    assert "last top1" in both and "last bbox_ap" in both and "73.30" in both

@@ -192,9 +192,9 @@ def test_chain_end_to_end_report(tmp_path, make_config):
     assert [r["gen"] for r in rows] == [0, 1, 2]
     for m, row in enumerate(rows):
         res = _result(root / f"gen{m}")
-        assert row["top1_last"] == res["last_top1"] and row["best_epoch"] == res["best_epoch"]
+        assert row["top1_last"] == res["last"]["top1"] and row["best_epoch"] == res["best_epoch"]
         # the evaluated checkpoint is last.pt, whose accuracy is the last epoch's
-        assert row["checkpoint_top1"] == pytest.approx(res["last_top1"], abs=1e-6)
+        assert row["checkpoint_top1"] == pytest.approx(res["last"]["top1"], abs=1e-6)
         assert 0.0 <= row["in_group_mass"] <= 1.0 and 0.0 <= row["top_secondary_in_group"] <= 1.0
         assert row["in_group_chance"] == pytest.approx(4 / 9)
     assert rows[0]["teacher_conf_train"] is None and rows[1]["teacher_conf_train"] is not None
@@ -213,8 +213,8 @@ class _StopAfterEpoch(Callback):
     def __init__(self, run_name: str, epoch: int) -> None:
         self.run_name, self.epoch = run_name, epoch
 
-    def on_epoch_end(self, trainer, epoch, row) -> None:
-        if trainer.run_dir.name == self.run_name and epoch == self.epoch:
+    def on_epoch_end(self, run, epoch, row) -> None:
+        if run.folder.path.name == self.run_name and epoch == self.epoch:
             raise KeyboardInterrupt
 
 
@@ -224,12 +224,12 @@ def test_interrupted_chain_resumes_where_it_stopped(tmp_path, make_config, monke
     data["experiment"]["train"]["epochs"] = 2
     chain = load_chain(data=data)
     root = tmp_path / "runs/chain"
-    real_trainer = runner_module.Trainer
-    monkeypatch.setattr(runner_module, "Trainer",
-                        lambda cfg, **kw: real_trainer(cfg, callbacks=[_StopAfterEpoch("gen1", 1)], **kw))
+    real_train_run = runner_module.train_run
+    monkeypatch.setattr(runner_module, "train_run",
+                        lambda cfg, **kw: real_train_run(cfg, callbacks=[_StopAfterEpoch("gen1", 1)], **kw))
     with pytest.raises(KeyboardInterrupt):
         run_chain(chain)
-    monkeypatch.setattr(runner_module, "Trainer", real_trainer)
+    monkeypatch.setattr(runner_module, "train_run", real_train_run)
     assert (root / "gen0/result.json").is_file() and not (root / "gen1/result.json").exists()
     gen0_mtime = (root / "gen0/last.pt").stat().st_mtime_ns
     first_epoch = (root / "gen1/metrics.jsonl").read_text().splitlines()[0]

@@ -74,6 +74,8 @@ def test_epoch_time_is_the_median_after_the_first_epoch(tmp_path):
     (tmp_path / "result.json").write_text(json.dumps({"last_top1": 71.23456, "best_top1": 72.0}))
     stats = gc.epoch_stats(tmp_path)
     assert stats["seconds_per_epoch"] == 3.0 and stats["epochs"] == 4 and stats["last_top1"] == 71.23
+    (tmp_path / "result.json").write_text(json.dumps({"last": {"top1": 70.004}, "best": {"top1": 72.0}}))
+    assert gc.epoch_stats(tmp_path)["last_top1"] == 70.0  # the current layout reads too
     (tmp_path / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n")
     assert gc.epoch_stats(tmp_path)["seconds_per_epoch"] == 9.0  # one epoch: that one
 

@@ -82,7 +82,7 @@ def test_the_example_runs_as_written(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for run in RUNS:
         result = json.loads((tmp_path / "runs" / run / "result.json").read_text())
-        assert result["epochs"] == 1 and 0.0 <= result["last_top1"] <= 100.0, run
+        assert result["epochs"] == 1 and 0.0 <= result["last"]["top1"] <= 100.0, run
     table = proc.stdout
     assert all(re.search(rf"^\| {run}\s", table, flags=re.M) for run in RUNS), table
     assert (tmp_path / "curves.png").stat().st_size > 2000

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kdlab.errors import KDLabError
 from kdlab.reproduce.runner import Measured, metric_values, plan_rows, reproduce, split_overrides
 from kdlab.reproduce.table import METRICS, Row, load_rows, select_rows
 
@@ -102,13 +103,18 @@ def test_missing_dataset_is_refused_before_training(tmp_path, capsys):
 
 
 def test_metric_values():
-    m = Measured(last_top1=70.0, best_top1=71.0, last_top5=90.0, best_top5=91.0, n=1)
-    base = Measured(last_top1=72.0, best_top1=72.5, last_top5=0, best_top5=0, n=1)
+    m = Measured(last={"top1": 70.0, "top5": 90.0}, best={"top1": 71.0, "top5": 91.0}, n=1)
+    base = Measured(last={"top1": 72.0, "top5": 0.0}, best={"top1": 72.5, "top5": 0.0}, n=1)
     row = Row("x", "p", "t", "d", "m", None, None)
     assert metric_values(row, m) == (70.0, 71.0)
     assert metric_values(Row("x", "p", "t", "d", "m", None, None, metric="top1_error"), m) == (30.0, 29.0)
     assert metric_values(Row("x", "p", "t", "d", "m", None, None, metric="top5_error_best_generation"), m) == (10.0, 9.0)
     assert metric_values(Row("x", "p", "t", "d", "m", None, None, metric="top1_gain"), m, base) == (-2.0, -1.5)
+    det = Measured(last={"bbox_ap": 30.5, "segm_ap": 27.25}, best={"bbox_ap": 31.0, "segm_ap": 28.0}, n=1)
+    assert metric_values(Row("x", "p", "t", "d", "m", None, None, metric="bbox_ap"), det) == (30.5, 31.0)
+    assert metric_values(Row("x", "p", "t", "d", "m", None, None, metric="segm_ap"), det) == (27.25, 28.0)
+    with pytest.raises(KDLabError, match="needs 'segm_ap', which its runs do not report"):
+        metric_values(Row("x", "p", "t", "d", "m", None, None, metric="segm_ap"), m)
 
 
 def test_reproduce_trains_teacher_then_rows(make_config, tmp_path):
@@ -136,7 +142,7 @@ def test_reproduce_trains_teacher_then_rows(make_config, tmp_path):
     kd_cfg = yaml.safe_load((runs / "kd" / "config.yaml").read_text())
     assert kd_cfg["teacher"]["checkpoint"] == str(runs / "t" / "best.pt")
     res = {n: json.loads((runs / n / "result.json").read_text()) for n in ("alone", "kd")}
-    assert outcomes[1].last == pytest.approx(res["kd"]["last_top1"] - res["alone"]["last_top1"])
+    assert outcomes[1].last == pytest.approx(res["kd"]["last"]["top1"] - res["alone"]["last"]["top1"])
     assert outcomes[1].diffs()[0] == pytest.approx(outcomes[1].last - 1.0)
     # Second time: with --resume everything is reused (without it, refused: tests/test_run_folder.py),
     # and a changed config is refused rather than reused.

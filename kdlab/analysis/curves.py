@@ -82,6 +82,23 @@ def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float
     return xs, ys
 
 
+def metric_keys(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The validation metrics to draw, one panel each: every run's primary metric (the first
+    `val/` metric its task logs: top1, bbox_ap, ...) and the other COCO APs with a value
+    (segm_ap, the mask AP of instance segmentation), in the order the runs log them."""
+    keys: list[str] = []
+    for rows in runs.values():
+        logged = [k[len("val/"):] for row in rows for k in row if k.startswith("val/") and k != "val/loss"]
+        logged = list(dict.fromkeys(logged))
+        with_values = [m for m in logged if any(_finite(row.get(f"val/{m}")) for row in rows)]
+        keys += logged[:1] + [m for m in with_values if m.endswith("_ap")]
+    return list(dict.fromkeys(keys))
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def plot_curves(
     run_dirs: Sequence[str | Path],
     out: str | Path,
@@ -101,7 +118,8 @@ def plot_curves(
     runs = {name: read_metrics(d) for name, d in zip(names, dirs)}
     if not any(runs.values()):
         raise KDLabError("the runs have no finished epoch yet (empty metrics.jsonl); plot again after one epoch")
-    panels: list[str] = ["accuracy"] + loss_terms(runs)
+    metrics = metric_keys(runs)
+    panels: list[str] = metrics + loss_terms(runs)
     if stats:
         panels += stat_keys(runs)
     if lr:
@@ -113,20 +131,21 @@ def plot_curves(
     colors = [f"C{i % 10}" for i in range(len(runs))]
     for ax, key in zip(flat, panels):
         for (name, rows), color in zip(runs.items(), colors):
-            if key == "accuracy":
-                x, y = _series(rows, "val/top1")
+            if key in metrics:
+                x, y = _series(rows, f"val/{key}")
                 if x:
                     ax.plot(x, y, color=color, label=f"{name} val", marker="o" if len(x) < 20 else None, ms=3)
-                x, y = _series(rows, "train/top1")
+                x, y = _series(rows, f"train/{key}")
                 if x:
                     ax.plot(x, y, color=color, ls="--", alpha=0.7, label=f"{name} train")
             else:
                 x, y = _series(rows, key)
                 if x:
                     ax.plot(x, y, color=color, label=name, marker="o" if len(x) < 20 else None, ms=3)
-        if key == "accuracy":
-            ax.set_title("top-1 accuracy (%)")
-            ax.legend(fontsize=7)
+        if key in metrics:
+            ax.set_title(f"{key} (%)")
+            if ax.has_data():
+                ax.legend(fontsize=7)
         else:
             ax.set_title(key)
             if log_loss and key.startswith("train/") and ax.has_data():
@@ -136,7 +155,7 @@ def plot_curves(
     for ax in flat[len(panels):]:
         ax.set_visible(False)
     if len(runs) > 1 and len(panels) > 1:
-        # One legend of run colours for the loss panels (the accuracy panel has its own).
+        # One legend of run colours for the loss panels (the metric panels have their own).
         handles = [Line2D([], [], color=c, label=n) for n, c in zip(runs, colors)]
         fig.legend(handles=handles, loc="outside lower center", ncols=min(len(runs), 4), fontsize=8)
     fig.suptitle(" vs ".join(runs) if len(runs) <= 4 else f"{len(runs)} runs")

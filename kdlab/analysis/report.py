@@ -36,7 +36,7 @@ from kdlab.analysis.per_sample import half_split_stats, per_sample_terms, plot_p
 from kdlab.config import load_config
 from kdlab.data import build_datasets
 from kdlab.engine.build import eval_loader
-from kdlab.engine.checkpoint import build_model_from_checkpoint
+from kdlab.engine.checkpoint import Checkpoint, build_model_from_checkpoint
 from kdlab.engine.device import resolve_device
 from kdlab.errors import CheckpointError, KDLabError
 
@@ -139,6 +139,13 @@ def _cell(c: Any) -> str:
 
 # --------------------------------------------------------------------------- analysis
 def _load(path: str | Path) -> tuple[torch.nn.Module, Any]:  # (model, Checkpoint)
+    ckpt = Checkpoint.load(path)
+    task = (ckpt.config or {}).get("task", "classification")
+    if task != "classification":
+        # Every part of the report reads per-class logits; a detector has none to compare.
+        raise KDLabError(f"kdlab analyze compares classifiers (per-sample TCKD/NCKD, class correlations, "
+                         f"calibration of class probabilities); {str(path)!r} is a {task} checkpoint. Evaluate "
+                         f"it with 'kdlab eval {path}' or plot its runs with 'kdlab plot'")
     return build_model_from_checkpoint(path)
 
 

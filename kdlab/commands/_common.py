@@ -15,6 +15,31 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+IMPORT_HELP = ("import a plugin before the command reads any config: a module name or a path to a .py file "
+               "(relative to the working directory) that registers methods, models, datasets or tasks; repeat "
+               "for several. A run trained with it records it in its config.yaml (imports:)")
+
+
+def add_import_arg(p: argparse.ArgumentParser) -> None:
+    """--import MODULE_OR_FILE (repeatable): every command takes it (kdlab.config.plugins)."""
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
+                   help=IMPORT_HELP)
+
+
+def resumed_run_imports(config: str, overrides: list[str]) -> list[str]:
+    """The plugins recorded in the config.yaml of the run folder that `config` with `overrides`
+    names ([] when it holds none): `kdlab train CONFIG --resume` finds the run's method even when
+    it came from an --import not repeated."""
+    # lazy: keeps `kdlab --help` fast (yaml, pydantic and torch load only when a command runs)
+    from kdlab.config.loader import apply_overrides, read_yaml
+    from kdlab.config.plugins import resolve_specs
+    from kdlab.engine.run_folder import RunFolder
+
+    raw = apply_overrides(read_yaml(config), overrides)
+    saved = RunFolder(Path(str(raw.get("output_dir", "runs"))) / str(raw.get("name", "run"))).saved_config()
+    return resolve_specs((saved or {}).get("imports"))
+
+
 OVERWRITE_HELP = ("replace what the run folder holds: delete the files kdlab wrote for the earlier run (nothing "
                   "else), then train from scratch")
 

@@ -61,6 +61,7 @@ STEPS = [
 def demo_configs(output_dir: str, scale: float = 1.0, device: str = "auto", progress: bool = True) -> list[dict]:
     """The raw config of every run, the teacher first, with `scale` x the iterations."""
     from kdlab.config import deep_merge  # lazy: keeps `kdlab --help` fast (pydantic, torch)
+    from kdlab.engine.run_folder import RunFolder  # lazy: as above
 
     configs = []
     for _, name, backbone, method, iterations in STEPS:
@@ -79,7 +80,7 @@ def demo_configs(output_dir: str, scale: float = 1.0, device: str = "auto", prog
             raw["optim"]["lr"] = STUDENT_LR
         if method["name"] != "det_vanilla":
             raw["teacher"] = {"name": "det:fasterrcnn_resnet18_fpn", "kwargs": dict(DETECTOR_KWARGS),
-                              "checkpoint": str(Path(output_dir) / TEACHER_NAME / "best.pt")}
+                              "checkpoint": str(RunFolder(Path(output_dir) / TEACHER_NAME).checkpoint("best"))}
         configs.append(raw)
     return configs
 
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
 
     from kdlab.analysis.boxes import draw_detections
     from kdlab.config import load_config
-    from kdlab.engine.trainer import Trainer
+    from kdlab.engine.launch import train_run
     from kdlab.text_table import print_table
 
     t0 = time.perf_counter()
@@ -104,8 +105,7 @@ def run(args: argparse.Namespace) -> int:
     for (label, *_), raw in zip(STEPS, raws):
         cfg = load_config(data=raw)
         print(f"== {label}: {cfg.train.iterations} iterations", file=sys.stderr, flush=True)
-        trainer = Trainer(cfg, overwrite=overwrite)
-        result = trainer.fit()
+        result, trainer = train_run(cfg, overwrite=overwrite)
         finished.append((label, trainer, result))
 
     alone = finished[1][2].last["bbox_ap"]

@@ -94,10 +94,11 @@ def demo_steps(output_dir: str, scale: float = 1.0, device: str = "auto", progre
     """Every experiment of the demo in order (the teacher first), with output folder, device,
     progress bars and `scale` x the epochs applied."""
     from kdlab.config import deep_merge  # lazy: keeps `kdlab --help` fast (pydantic, torch)
+    from kdlab.engine.run_folder import RunFolder  # lazy: as above
 
     teacher = deep_merge(TEACHER, {})
     student = deep_merge(teacher, STUDENT_ALONE)
-    checkpoint = str(Path(output_dir) / TEACHER["name"] / "best.pt")
+    checkpoint = str(RunFolder(Path(output_dir) / TEACHER["name"]).checkpoint("best"))
     run = {"output_dir": output_dir, "train": {"device": device, "progress": progress, "tensorboard": False}}
 
     def experiment(raw: dict) -> dict:
@@ -150,8 +151,9 @@ class Row:
 
 def _read_run(run_dir: Path) -> tuple[dict, list]:
     from kdlab.analysis.curves import read_metrics  # lazy: keeps `kdlab --help` fast (matplotlib)
+    from kdlab.engine.run_folder import RunFolder  # lazy: as above
 
-    result = json.loads((run_dir / "result.json").read_text())
+    result = RunFolder(run_dir).read_result()
     return result, read_metrics(run_dir)
 
 
@@ -168,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
 
     # lazy: keeps `kdlab --help` fast (torch, pydantic, matplotlib load only when the demo runs)
     from kdlab.config import load_config
-    from kdlab.engine.trainer import Trainer
+    from kdlab.engine.launch import train_run
     from kdlab.generations.config import load_chain
     from kdlab.generations.runner import run_chain
     from kdlab.text_table import print_table
@@ -196,17 +198,17 @@ def run(args: argparse.Namespace) -> int:
         else:
             cfg = load_config(data=step.raw)
             print(f"== {step.label}: {cfg.train.epochs} epoch(s)", file=sys.stderr, flush=True)
-            done = Trainer(cfg, overwrite=overwrite).fit()
+            done, _ = train_run(cfg, overwrite=overwrite)
             rows.append(Row(step.label, cfg.method.name, done.to_json(), done.history, _epoch_seconds(done.history),
                             step.group))
     figure = Path(args.figure) if args.figure else output_dir / "demo.png"
     draw_figure(rows, figure)
 
-    alone = next(r for r in rows if r.group == "alone").result["last_top1"]
+    alone = next(r for r in rows if r.group == "alone").result["last"]["top1"]
     table = []
     for row in rows:
-        gain = "" if row.group == "teacher" else f"{row.result['last_top1'] - alone:+.2f}"
-        table.append([row.label, row.method, row.result["last_top1"], row.result["best_top1"], gain,
+        gain = "" if row.group == "teacher" else f"{row.result['last']['top1'] - alone:+.2f}"
+        table.append([row.label, row.method, row.result["last"]["top1"], row.result["best"]["top1"], gain,
                       f"{row.seconds:.1f}"])
     print()
     print_table(["run", "method", "top-1 last", "top-1 best", "gain (last)", "train s"], table)
@@ -245,6 +247,6 @@ def draw_figure(rows: list[Row], path: Path) -> Path:
         Panel("generations (resnet8 -> resnet8, 200 digits)",
               [reference] + [c for c, r in zip(curves, rows) if r.group in ("tolerant", "strict")]),
     ]
-    bars = [(r.label, float(r.result["last_top1"]), c) for r, c in zip(rows, colors)]
-    return plot_overview(panels, bars, path, reference=("student alone", float(alone.result["last_top1"])),
+    bars = [(r.label, float(r.result["last"]["top1"]), c) for r, c in zip(rows, colors)]
+    return plot_overview(panels, bars, path, reference=("student alone", float(alone.result["last"]["top1"])),
                          title="kdlab demo on the bundled digits: validation top-1")

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "plot accuracy and every loss term over epochs for one run or several overlaid"
+HELP = "plot the task's metric (top-1, box/mask AP) and every loss term over epochs, one run or several overlaid"
 DESCRIPTION = """\
-Read each run's metrics.jsonl and draw one PNG: top-1 accuracy (val solid, train dashed)
-and one panel per loss term (train/<term>, as weighted in the loss, and their sum
-train/loss), one colour per run. A folder without metrics.jsonl stands for every run below it.
+Read each run's metrics.jsonl and draw one PNG: a panel for the task's metric (top-1; box AP,
+and mask AP for Mask R-CNN; val solid, train dashed where logged) and one per loss term
+(train/<term>, as weighted in the loss, and their sum train/loss), one colour per run. A folder without metrics.jsonl stands for every run below it.
 
 examples:
   kdlab plot runs/kd_resnet32x4_resnet8x4 runs/dkd_resnet32x4_resnet8x4 --out kd_vs_dkd.png

@@ -11,8 +11,9 @@ HELP = "one table of every finished run under a folder (seeds grouped: mean ± s
 DESCRIPTION = """\
 Read every run folder under FOLDER (a folder with result.json and config.yaml, at any
 depth) and print one row per config: runs named <name>_seed<k> (kdlab train --seeds N)
-are grouped under <name> with n, mean and sample standard deviation of last-epoch and
-best-epoch top-1 and top-5. A group whose configs differ beyond name and seed is flagged.
+are grouped under <name> with n, mean and sample standard deviation of the last-epoch and
+best-epoch values of the task's headline metrics (top-1 and top-5; box AP, AP50 and mask AP;
+--csv: every metric). A group whose configs differ beyond name and seed is flagged.
 
 examples:
   kdlab results runs

@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import shlex
-from typing import Any, Iterator
 
-from kdlab.commands._common import add_config_args, add_run_folder_args
+from kdlab.commands._common import add_config_args, add_run_folder_args, resumed_run_imports
 
 HELP = "train a model (a teacher from scratch, or a student with any method)"
 DESCRIPTION = """\
@@ -14,10 +12,10 @@ Train the config's `model` with its `method` (vanilla = cross-entropy only; kd, 
 reviewkd, ... need a `teacher` with a checkpoint written by an earlier 'kdlab train').
 
 Writes <output_dir>/<name>/: config.yaml (the resolved config), metrics.jsonl (one line
-per epoch: every loss term, train and val top-1/top-5), tb/ (TensorBoard), last.pt and
+per epoch: every loss term and the task's validation metrics), tb/ (TensorBoard), last.pt and
 best.pt (atomic checkpoints; train.save=last keeps both, last.pt with the optimizer state for
 an exact --resume and best.pt with the weights only; best keeps best.pt alone; none keeps no
-checkpoint), result.json (last and best accuracy).
+checkpoint), result.json (last and best values of the task's metrics: top-1/top-5, COCO AP).
 
 Progress bars are drawn on a terminal only (not into a log file, not with 'kdlab -q');
 train.progress=false turns them off. One line per epoch is logged either way.
@@ -42,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         resume_checkpoint=True)
     p.add_argument("--seeds", type=int, default=None, metavar="N",
                    help="train N runs with seeds train.seed, +1, ... as <name>_seed<seed>; print mean ± std "
-                        "of last and best top-1/top-5 (see 'kdlab results')")
+                        "of the last and best values of the task's metrics (see 'kdlab results')")
     p.set_defaults(func=run)
 
 
@@ -51,7 +49,9 @@ def run(args: argparse.Namespace) -> int:
     from kdlab.config import load_config
     from kdlab.engine.run_folder import RunFolder, RunFolderTaken
 
-    cfg = load_config(args.config, args.overrides)
+    # A resumed run imports the plugins its config.yaml records, also those of an --import not repeated.
+    cfg = load_config(args.config, args.overrides,
+                      imports=resumed_run_imports(args.config, args.overrides) if args.resume else ())
     # The refusal's hint repeats the whole command: without the overrides, copying it would
     # resume (or replace) the run with another config.
     retry = shlex.join(["kdlab", "train", args.config, *args.overrides])
@@ -66,38 +66,10 @@ def run(args: argparse.Namespace) -> int:
         if problems:
             more = f" ({len(problems) - 1} more seed folders hold runs too)" if len(problems) > 1 else ""
             raise RunFolderTaken(problems[0] + more)
-        with claimed(folders, resume=args.resume, overwrite=args.overwrite, cfgs=seed_configs(cfg, args.seeds)):
-            return run_seeds_cli(cfg, args.seeds, args.resume)
-    with claimed([RunFolder.of(cfg)], resume=args.resume, overwrite=args.overwrite, cfgs=[cfg], retry=retry):
-        result, is_main = _train_one(cfg, args)
-    if is_main:
+        return run_seeds_cli(cfg, args.seeds, args.resume, args.overwrite)
+    from kdlab.engine.launch import train_run_cli  # lazy: as above
+
+    result, trainer = train_run_cli(cfg, resume=args.resume, overwrite=args.overwrite, retry=retry)
+    if trainer.is_main:
         print(f"{cfg.name}: {result.summary()}  -> {result.run_dir}")
     return 0
-
-
-def _train_one(cfg: Any, args: argparse.Namespace) -> tuple[Any, bool]:
-    from kdlab.engine.distributed import shutdown_distributed  # lazy: as in run
-    from kdlab.engine.trainer import Trainer  # lazy: as in run
-
-    try:
-        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
-        return trainer.fit(), trainer.is_main
-    finally:
-        shutdown_distributed()  # torchrun: leave the process group cleanly
-
-
-@contextlib.contextmanager
-def claimed(folders: list[Any], *, resume: bool | str, overwrite: bool, cfgs: list[Any],
-            retry: str = "") -> Iterator[None]:
-    """Claim the run folders (locked, checked, cleared with `overwrite`) for the block; a block
-    that fails before a run wrote anything leaves none of the folders it created behind."""
-    try:
-        for folder, cfg in zip(folders, cfgs):
-            folder.claim(resume=resume, overwrite=overwrite, retry=retry, cfg=cfg)
-        yield
-    except BaseException:
-        for folder in folders:
-            folder.release(abandon=True)
-        raise
-    for folder in folders:
-        folder.release()

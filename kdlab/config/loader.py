@@ -5,13 +5,17 @@ A key written twice in one mapping is an error naming both lines (PyYAML would k
 silently), and so are aliases that expand to more than `MAX_EXPANDED` values (an alias bomb);
 error messages quote at most a short excerpt of a value (`excerpt`).
 A config may name `base:` files (relative to itself) that it extends; dotted command-line
-overrides (`train.epochs=5 method.beta=8`) apply last. Any validation problem becomes one
+overrides (`train.epochs=5 method.beta=8`) apply last; `method.name=X` over a file whose method is
+another starts X's section from X's defaults (the file's method keys are dropped, with a log note).
+A config's `imports:` (plugins, `kdlab.config.plugins`) are resolved relative to the file that lists
+them, accumulate over its base files, and are imported before validation. Any validation problem becomes one
 `ConfigError` whose message names each offending key, what is wrong, and the closest valid
 key when a name is misspelt.
 """
 from __future__ import annotations
 
 import copy
+import logging
 import reprlib
 from pathlib import Path
 from typing import Any, Iterable
@@ -19,9 +23,12 @@ from typing import Any, Iterable
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from kdlab.config.plugins import import_plugins, merge_specs, resolve_specs, with_command_line
 from kdlab.schema.experiment import ExperimentConfig, MethodConfig
 from kdlab.errors import ConfigError
 from kdlab.registry import UnknownNameError, closest
+
+log = logging.getLogger(__name__)
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -155,7 +162,8 @@ def load_yaml_mapping(path: str | Path, _seen: tuple[Path, ...] = (), *, kind: s
 
 
 def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
-    """Read a config file and the `base:` files it extends, merged (the file wins)."""
+    """Read a config file and the `base:` files it extends, merged (the file wins); `imports`
+    accumulate instead (the bases' first), each made absolute relative to the file naming it."""
     path = Path(path)
     data, resolved = load_yaml_mapping(path, _seen)
     given = data.pop("base", None)
@@ -163,10 +171,15 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     if not isinstance(bases, list) or not all(isinstance(b, str) and b.strip() for b in bases):
         raise ConfigError(f"{path}: 'base' must be a file path or a list of file paths, relative to this file "
                           f"(base: ../common.yaml, or base: [a.yaml, b.yaml]); got {excerpt(given)}")
+    own_imports = resolve_specs(data.pop("imports", None), path.parent, where=f"{path}: imports")
     merged: dict = {}
     for b in bases:
         merged = deep_merge(merged, read_yaml(path.parent / b, _seen + (resolved,)))
-    return deep_merge(merged, data)
+    out = deep_merge(merged, data)
+    imports = merge_specs(merged.get("imports", []), own_imports)
+    if imports:
+        out["imports"] = imports
+    return out
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -190,7 +203,11 @@ def override_section(text: str) -> str:
 
 
 def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
-    out = copy.deepcopy(data)
+    """`data` with dotted overrides applied in order. `method.name=X` naming another method than
+    `data`'s starts X's section from X's defaults: the keys `data` gave its own method are dropped
+    first (logged), so `kd.yaml method.name=dkd method.beta=8` is dkd with beta 8."""
+    overrides = list(overrides)
+    out = _switch_method(copy.deepcopy(data), overrides)
     for text in overrides:
         parts, value = parse_override(text)
         node = out
@@ -202,6 +219,26 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
             node = node[p]
         node[parts[-1]] = value
     return out
+
+
+def _switch_method(data: dict, overrides: list[str]) -> dict:
+    # The base's keys belong to its method's config class; another method's class would refuse
+    # them as unknown keys (kd's temperature is not sp's), so they cannot carry over.
+    method = data.get("method")
+    if not isinstance(method, dict):
+        return data
+    for text in overrides:
+        parts, value = parse_override(text)
+        if parts != ["method", "name"] or value == method.get("name", "vanilla"):
+            continue
+        dropped = sorted(k for k in method if k != "name")
+        if dropped:
+            log.info("method.name=%s replaces the config's method %r: its keys %s are dropped (%s starts from "
+                     "its defaults; set its own keys with method.KEY=VALUE)", value,
+                     method.get("name", "vanilla"), ", ".join(dropped), value)
+        data["method"] = {"name": method.get("name", "vanilla")}
+        return data
+    return data
 
 
 def _section_class(loc: tuple, data: Any, model: type[BaseModel]) -> type[BaseModel] | None:
@@ -265,11 +302,20 @@ def format_validation_errors(exc: ValidationError, model: type[BaseModel], data:
     return f"{title}:\n  - " + "\n  - ".join(lines)
 
 
-def validate_config(data: dict) -> ExperimentConfig:
-    """Validate a raw mapping; raise one `ConfigError` listing every problem."""
+def validate_config(data: dict, *, plugins_required: bool = True) -> ExperimentConfig:
+    """Validate a raw mapping; raise one `ConfigError` listing every problem.
+
+    First imports the plugins: the installed entry points, the config's `imports` (a path not yet
+    absolute is relative to the working directory) and those of the command's --import, which
+    join the validated config's `imports`. `plugins_required=False`: a plugin that fails to import
+    is a logged warning (reading a run whose plugin is gone, when what it registered is not needed)."""
     # lazy: the registries import torch and every model (kdlab results reads configs without them)
     from kdlab.config.resolve import REGISTRY_NAMES
 
+    if isinstance(data, dict):
+        imports = with_command_line(resolve_specs(data.get("imports")))
+        import_plugins(imports, strict=plugins_required)
+        data = {**data, "imports": imports}
     try:
         return ExperimentConfig.model_validate(data, context=REGISTRY_NAMES)
     except ValidationError as exc:
@@ -278,10 +324,16 @@ def validate_config(data: dict) -> ExperimentConfig:
         raise ConfigError(f"invalid config: {exc}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: Iterable[str] = (), data: dict | None = None) -> ExperimentConfig:
-    """Read `path` (with its `base:` files), apply dotted overrides, validate."""
-    raw = read_yaml(path) if path is not None else copy.deepcopy(data or {})
-    return validate_config(apply_overrides(raw, overrides))
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = (), data: dict | None = None, *,
+                imports: Iterable[str] = (), plugins_required: bool = True) -> ExperimentConfig:
+    """Read `path` (with its `base:` files), apply dotted overrides, validate. `imports`: more
+    plugins (resolved specs) to import and record in the config's `imports`, such as those a
+    resumed run's config.yaml lists (`kdlab train --resume` without repeating its --import).
+    `plugins_required`: as in `validate_config`."""
+    raw = apply_overrides(read_yaml(path) if path is not None else copy.deepcopy(data or {}), overrides)
+    if imports:
+        raw["imports"] = merge_specs(resolve_specs(raw.get("imports")), imports)
+    return validate_config(raw, plugins_required=plugins_required)
 
 
 def config_to_dict(cfg: ExperimentConfig) -> dict:

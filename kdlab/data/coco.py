@@ -31,14 +31,16 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, NamedTuple, Sequence
 
 import torch
 from torch.utils.data import Dataset
 from torchvision.datasets import CocoDetection
 
+from kdlab.schema.detection import DetectionConfig
 from kdlab.schema.experiment import DataConfig
-from kdlab.data.datasets import DataBundle, register_dataset
+from kdlab.data.datasets import register_dataset
+from kdlab.data.shapes import generate_shapes, shapes_key
 from kdlab.data.folder import load_rgb
 from kdlab.errors import DataError
 
@@ -345,21 +347,39 @@ def collate_detection(batch: Sequence[tuple[Any, ...]]) -> tuple[tuple[Any, ...]
     return tuple(zip(*batch))
 
 
-#: `data.name` values of detection datasets (built by the detection task, not `build_datasets`).
-DETECTION_DATASETS = ("coco", "shapes")
+class DetectionFiles(NamedTuple):
+    """Where a COCO-format detection dataset is: what a `task: detection` dataset's builder,
+    ``fn(data: DataConfig, det: DetectionConfig, output_dir: str) -> DetectionFiles``, returns."""
+
+    train_images: Path
+    train_annotations: Path
+    val_images: Path
+    val_annotations: Path
 
 
-def _not_for_classification(cfg: DataConfig) -> DataBundle:
-    raise DataError(f"data.name={cfg.name!r} is a detection dataset (COCO format); set task: detection, "
-                    "or pick a classification dataset")
+@register_dataset("shapes", task="detection")
+def shapes_files(data: DataConfig, det: DetectionConfig, output_dir: str) -> DetectionFiles:
+    """The generated shapes set (`det.shapes`), generated first when it is not there yet: in
+    `data.root`, else in `<output_dir>/_data/shapes-<key of its settings>`."""
+    root = Path(data.root) if data.root else Path(output_dir) / "_data" / f"shapes-{shapes_key(det.shapes)}"
+    generate_shapes(root, det.shapes)
+    return DetectionFiles(root / "train", root / "annotations" / "instances_train.json",
+                          root / "val", root / "annotations" / "instances_val.json")
 
 
-for _name in DETECTION_DATASETS:  # registered so that config validation knows the names
-    register_dataset(_name)(_not_for_classification)
+@register_dataset("coco", task="detection")
+def coco_files(data: DataConfig, det: DetectionConfig, output_dir: str) -> DetectionFiles:
+    """COCO (or any COCO-format set) under `data.root`, at the `detection:` section's paths."""
+    if not data.root:
+        raise DataError("data.root is not set for dataset 'coco'; set data.root to the COCO folder (holding "
+                        "train2017/, val2017/ and annotations/), or the detection: paths to absolute ones")
+    root = Path(data.root).expanduser()
+    return DetectionFiles(root / det.train_images, root / det.train_annotations, root / det.val_images,
+                          root / det.val_annotations)
 
 
 __all__ = [
-    "DETECTION_DATASETS",
+    "DetectionFiles", "coco_files", "shapes_files",
     "CocoSplit", "InvalidBoxes", "Labels", "box_problem", "check_boxes", "check_images_exist", "check_scorable",
     "collate_detection", "detection_transforms", "label_maps",
     "read_annotations",

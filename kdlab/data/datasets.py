@@ -1,7 +1,9 @@
 """The dataset registry and `build_datasets`, the one entry point of the data layer.
 
 A dataset file (`digits.py`, `cifar.py`, `folder.py`) registers a builder
-``fn(cfg: DataConfig) -> DataBundle`` under its `data.name` with `register_dataset`.
+``fn(cfg: DataConfig) -> DataBundle`` under its `data.name` with `register_dataset`. A dataset
+of another task is registered for that task (`register_dataset("shapes", task="detection")`),
+with the builder that task calls; config validation checks that `data.name` serves `task:`.
 `build_datasets` looks the name up, calls the builder, then applies the options common to
 every dataset, in this order:
 
@@ -49,9 +51,26 @@ Builder = Callable[[DataConfig], DataBundle]
 DATASETS: Registry[Builder] = Registry("dataset")
 
 
-def register_dataset(name: str) -> Callable[[Builder], Builder]:
-    """Decorator: register a dataset builder under `name` (the value of `data.name`)."""
-    return DATASETS.register(name)
+#: The task each dataset serves, by `data.name`; classification when not registered otherwise.
+DATASET_TASKS: dict[str, str] = {}
+
+
+def register_dataset(name: str, *, task: str = "classification") -> Callable[[Any], Any]:
+    """Decorator: register a dataset builder under `name` (the value of `data.name`) for `task`:
+    a classification builder is ``fn(cfg: DataConfig) -> DataBundle``, another task's builder
+    what that task calls (detection: `kdlab.data.coco.DetectionFiles`)."""
+    def decorator(builder: Any) -> Any:
+        DATASETS.register(name)(builder)
+        DATASET_TASKS[name] = task
+        return builder
+
+    return decorator
+
+
+def dataset_task(name: str) -> str:
+    """The task dataset `name` serves (`UnknownNameError` listing the datasets when it is none)."""
+    DATASETS.get(name)
+    return DATASET_TASKS.get(name, "classification")
 
 
 class RelabeledSubset(Dataset):
@@ -149,9 +168,12 @@ def build_datasets(cfg: DataConfig, seed: int | None = None) -> DataBundle:
     Raises `DataError` for anything the user can fix (unknown name, missing files, ...).
     """
     try:
-        builder = DATASETS.get(cfg.name)
+        builder, task = DATASETS.get(cfg.name), dataset_task(cfg.name)
     except UnknownNameError as err:
         raise DataError(f"{err}; set data.name to one of these") from None
+    if task != "classification":
+        raise DataError(f"data.name={cfg.name!r} is a {task} dataset; set task: {task}, or pick a classification "
+                        f"dataset ({', '.join(n for n in DATASETS.names() if dataset_task(n) == 'classification')})")
     bundle = builder(cfg)
     return apply_subset_and_noise(bundle, cfg, cfg.subset_seed if seed is None else seed)
 

@@ -12,18 +12,24 @@ Format versions (the dict's `version`; `format` is always "kdlab-checkpoint"):
 - 1: written by kdlab before the `Checkpoint` type: the best metrics were two keys,
   `best_top1` and `best_top5`, and there was no per-callback state. Hand-built files of that
   time may lack `version` and most keys; they read as version 1 with defaults.
-- 2 (`CURRENT_VERSION`): `best` is a dict of best-epoch metrics (`{"top1", "top5"}` for
-  classification, `{"bbox_ap"}` for detection) and `callbacks` holds each callback's state.
+- 2: `best` is a dict of best-epoch metrics (`{"top1", "top5"}` for classification,
+  `{"bbox_ap"}` for detection) and `callbacks` holds each callback's state; the run's position
+  (epoch, best, history, ...) and every component (optimizer, scheduler, ...) are keys of their own.
+- 3 (`CURRENT_VERSION`): the model record and weights, method, config and class names, and
+  `state`: `{name: component.state_dict()}` of the run's self-saving components
+  (`kdlab.engine.state`): "train" (the `TrainState`), "extras", "optimizer", "scheduler",
+  "scaler", "rng", "callback/<key>". The checkpoint knows none of their fields.
 
-`Checkpoint.load` reads both; a file of a newer or unknown version is refused with one
-message naming both versions, never half-read.
+`Checkpoint.load` reads all three (versions 1 and 2 are upgraded into `state` as they load); a
+file of a newer or unknown version is refused with one message naming both versions, never
+half-read.
 """
 from __future__ import annotations
 
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -31,13 +37,14 @@ import torch
 from torch import Tensor, nn
 
 from kdlab.engine.run_folder import file_mode
+from kdlab.engine.state import TrainState, callback_component
 from kdlab.errors import CheckpointError
 from kdlab.models import create_model
 from kdlab.models.weights import UnreadableTorchFile, access_problem, describe_mismatch, read_torch_file
 
 FORMAT = "kdlab-checkpoint"
-CURRENT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+CURRENT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 #: Said of any file that is not a kdlab checkpoint: where checkpoints come from, and where
 #: other weight files go instead.
@@ -82,34 +89,47 @@ class ModelRecord:
     kwargs: dict = field(default_factory=dict)
 
 
+#: Version-1 and -2 fields that are now entries of `state` (`TrainState` fields under "train").
+_TRAIN_FIELDS = ("epoch", "best", "best_epoch", "history", "skipped_batches", "partial")
+_COMPONENT_FIELDS = {"extra_state": "extras", "optimizer": "optimizer", "scheduler": "scheduler",
+                     "scaler": "scaler", "rng": "rng"}
+#: The top-level keys of a version-3 file besides `format` and `version`.
+_V3_KEYS = ("model", "model_state", "method", "config", "class_names", "state")
+
+
+def _state_from_fields(values: dict[str, Any]) -> dict[str, Any]:
+    """The `state` of a checkpoint given as the fields of versions 1 and 2 (popped from `values`):
+    the run's position under "train", the other components under their names."""
+    state: dict[str, Any] = {}
+    train = {k: values.pop(k) for k in _TRAIN_FIELDS if k in values}
+    if train:
+        state["train"] = train
+    for old, name in _COMPONENT_FIELDS.items():
+        value = values.pop(old, None)
+        if value is not None:
+            state[name] = value
+    for key, value in (values.pop("callbacks", None) or {}).items():
+        state[callback_component(key)] = value
+    return state
+
+
 @dataclass
 class Checkpoint:
     """A kdlab checkpoint (see the module docstring for the on-disk versions).
 
-    Tests and scripts build one with `Checkpoint.for_model(model, name, num_classes)`.
+    `state` holds the run's components by name (`kdlab.engine.state`): "train" (`TrainState`),
+    "extras", "optimizer", "scheduler", "scaler", "rng", "callback/<key>"; the properties below
+    read the usual ones. Tests and scripts build one with `Checkpoint.for_model(model, name,
+    num_classes)`.
     """
 
     model: ModelRecord
     model_state: dict[str, Tensor]
     method: str = "vanilla"
-    extra_state: dict[str, Tensor] = field(default_factory=dict)
-    optimizer: dict | None = None
-    scheduler: dict | None = None
-    scaler: dict | None = None
-    epoch: int = 0
-    #: Best-epoch metrics: {"top1": .., "top5": ..} (classification), {"bbox_ap": ..} (detection).
-    best: dict[str, float] = field(default_factory=dict)
-    best_epoch: int = 0
-    skipped_batches: int = 0
-    history: list[dict] = field(default_factory=list)
-    rng: dict | None = None
-    #: Mid-epoch position of a Ctrl-C save: {"batches": int, "sums": {...}}; None at epoch ends.
-    partial: dict | None = None
-    #: Per-callback state for resume, keyed by callback name.
-    callbacks: dict[str, dict] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     class_names: list[str] = field(default_factory=list)
-    #: The format version the checkpoint was read from (1 for an upgraded old file);
+    state: dict[str, Any] = field(default_factory=dict)
+    #: The format version the checkpoint was read from (1 or 2 for an upgraded old file);
     #: `to_dict` always writes `CURRENT_VERSION`.
     version: int = CURRENT_VERSION
 
@@ -121,16 +141,78 @@ class Checkpoint:
     def for_model(cls, model: nn.Module, name: str, num_classes: int, kwargs: dict | None = None,
                   **values: Any) -> "Checkpoint":
         """A checkpoint of `model` as `create_model(name, num_classes, **kwargs)` rebuilds it;
-        other fields (epoch, config, method, ...) by keyword."""
+        other fields by keyword: method, config, class_names, state, or the fields of version 2
+        (epoch, best, optimizer, callbacks, ...), which go into `state`."""
+        state = {**_state_from_fields(values), **values.pop("state", {})}
         return cls(model=ModelRecord(name, num_classes, dict(kwargs or {})), model_state=model.state_dict(),
-                   **values)
+                   state=state, **values)
 
     def weights_only(self) -> "Checkpoint":
         """This checkpoint without what only resuming needs (optimizer, scheduler and scaler state,
         the method's extras, RNG and callback state, a mid-epoch position): about half the size
         under SGD with momentum, and still what `kdlab eval`, a teacher and a generation load."""
-        return replace(self, extra_state={}, optimizer=None, scheduler=None, scaler=None, rng=None, partial=None,
-                       callbacks={})
+        train = {**self.state.get("train", {}), "partial": None}
+        return replace(self, state={"train": train})
+
+    # ------------------------------------------------------------------ reading the state
+    @property
+    def train(self) -> TrainState:
+        """The run's position (`TrainState`) when saved."""
+        state = TrainState()
+        state.load_state_dict(self.state.get("train") or {})
+        return state
+
+    @property
+    def epoch(self) -> int:
+        return self.train.epoch
+
+    @property
+    def best(self) -> dict[str, float]:
+        """Best-epoch metrics: {"top1": .., "top5": ..} (classification), {"bbox_ap": ..} (detection)."""
+        return self.train.best
+
+    @property
+    def best_epoch(self) -> int:
+        return self.train.best_epoch
+
+    @property
+    def history(self) -> list[dict]:
+        return self.train.history
+
+    @property
+    def skipped_batches(self) -> int:
+        return self.train.skipped_batches
+
+    @property
+    def partial(self) -> dict | None:
+        """Mid-epoch position of a Ctrl-C save: {"batches": int, "sums": {...}}; None at epoch ends."""
+        return self.train.partial
+
+    @property
+    def optimizer(self) -> dict | None:
+        return self.state.get("optimizer")
+
+    @property
+    def scheduler(self) -> dict | None:
+        return self.state.get("scheduler")
+
+    @property
+    def scaler(self) -> dict | None:
+        return self.state.get("scaler")
+
+    @property
+    def rng(self) -> dict | None:
+        return self.state.get("rng")
+
+    @property
+    def extra_state(self) -> dict[str, Tensor]:
+        return self.state.get("extras") or {}
+
+    @property
+    def callbacks(self) -> dict[str, dict]:
+        """Per-callback state, keyed by callback name."""
+        prefix = callback_component("")
+        return {k[len(prefix):]: v for k, v in self.state.items() if k.startswith(prefix)}
 
     @property
     def best_top1(self) -> float:
@@ -154,11 +236,9 @@ class Checkpoint:
 
     def to_dict(self) -> dict[str, Any]:
         """The on-disk layout of the current version: plain containers and tensors only."""
-        d: dict[str, Any] = {"format": FORMAT}
-        for f in fields(self):
-            d[f.name] = asdict(self.model) if f.name == "model" else getattr(self, f.name)
-        d["version"] = CURRENT_VERSION
-        return d
+        return {"format": FORMAT, "version": CURRENT_VERSION, "model": asdict(self.model),
+                "model_state": self.model_state, "method": self.method, "config": self.config,
+                "class_names": self.class_names, "state": self.state}
 
     @classmethod
     def from_dict(cls, d: Any, source: str) -> "Checkpoint":
@@ -187,9 +267,10 @@ class Checkpoint:
         if version == 1:
             old_best = {new: body.pop(old, None) for old, new in cls._V1_BEST.items()}
             # best_epoch 0: no epoch evaluated yet (a Ctrl-C in epoch 1), best_top1 was a -1 sentinel.
-            evaluated = body.get("best_epoch", 0) > 0
+            evaluated = (body.get("best_epoch") or 0) > 0
             body["best"] = {k: float(v) for k, v in old_best.items() if v is not None and evaluated}
-        known = {f.name for f in fields(cls)} - {"version"}
+        known = set(_V3_KEYS) if version == 3 else \
+            {"model", "model_state", "method", "config", "class_names", "callbacks", *_TRAIN_FIELDS, *_COMPONENT_FIELDS}
         unknown = sorted(set(body) - known)
         if unknown:
             raise CheckpointError(
@@ -205,9 +286,12 @@ class Checkpoint:
                                   f"({record}); use a checkpoint written by 'kdlab train'")
         body["model"] = ModelRecord(record["name"], record["num_classes"], dict(record.get("kwargs") or {}))
         # Hand-built version-1 files may hold None where the type now has empty containers.
-        for name in ("extra_state", "best", "history", "callbacks", "config", "class_names"):
-            if body.get(name, ...) is None:
-                del body[name]
+        body = {k: v for k, v in body.items() if v is not None}
+        if version < 3:
+            body["state"] = _state_from_fields(body)
+        if not isinstance(body.get("state", {}), dict):
+            raise CheckpointError(f"checkpoint {source!r} has a 'state' that is not a dict; it is damaged: "
+                                  "use another checkpoint or retrain")
         return cls(**body, version=version)
 
 

@@ -1,13 +1,15 @@
 """A run folder, `<output_dir>/<name>/`: what it holds, and the guard that nothing in it is lost.
 
-Every command that trains (`kdlab train`, `--seeds`, `generations`, `reproduce`) and the
-`Trainer` itself go through `RunFolder.claim` before writing anything: a folder that holds a
+Every command that trains (`kdlab train`, `--seeds`, `generations`, `reproduce`, the demo) goes
+through `RunFolder.claim` once before writing anything (`kdlab.engine.launch`, which hands the
+claimed folder to the `Trainer`; a `Trainer` given no folder claims its own): a folder that holds a
 run (a checkpoint, or a finished run's `result.json`) is continued only with `resume`,
 replaced only with `overwrite`, and otherwise refused with one message naming the folder and
 the three ways on. Readers (`kdlab results`, the generations report, `kdlab reproduce`) read
 `result.json` and `metrics.jsonl` through the same class.
 
-Files of a run folder (written by the trainer and its callbacks; `run_files()` lists them all,
+Files of a run folder (written through this class by the trainer and its callbacks, except the
+two records, written by their own modules under the names they export; `run_files()` lists them all,
 and `--overwrite` deletes these and nothing else):
 
     config.yaml     the config the run started with (never rewritten by --resume)
@@ -47,7 +49,7 @@ from typing import Any, Literal
 import yaml
 
 from kdlab.schema.compare import run_differences
-from kdlab.config.loader import config_to_dict, validate_config
+from kdlab.config.loader import config_to_dict, dump_config, validate_config
 from kdlab.errors import ConfigError, KDLabError
 
 log = logging.getLogger("kdlab")
@@ -180,9 +182,14 @@ class RunFolder:
     def metrics_path(self) -> Path:
         return self.path / METRICS_FILE
 
-    def checkpoint(self, which: Literal["last", "best"] = "last") -> Path:
-        """`last.pt` or `best.pt` of this run (whether or not it exists)."""
-        return self.path / f"{which}.pt"
+    @property
+    def tb_dir(self) -> Path:
+        """TensorBoard's folder."""
+        return self.path / TB_DIR
+
+    def checkpoint(self, which: Literal["last", "best"] | int = "last") -> Path:
+        """`last.pt` or `best.pt` of this run, or `epoch_<N>.pt` for an int (whether or not it exists)."""
+        return self.path / (f"epoch_{which}.pt" if isinstance(which, int) else f"{which}.pt")
 
     def checkpoints(self) -> list[Path]:
         """The checkpoints that exist (`last.pt`, `best.pt`, `epoch_<N>.pt`)."""
@@ -468,6 +475,26 @@ class RunFolder:
     def _unwritable(self, exc: OSError) -> KDLabError:
         return KDLabError(f"output folder {str(self.path)!r} cannot be written ({exc.strerror or exc}); "
                           "set output_dir=<a writable folder> on the command line or in the config")
+
+    def write_config(self, cfg: Any) -> None:
+        """Write `config.yaml`: the resolved config the run starts with."""
+        dump_config(cfg, self.config_path)
+
+    def reset_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Rewrite `metrics.jsonl` to `rows` (a resumed run keeps the epochs before its checkpoint)."""
+        self.metrics_path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        """Add an epoch's row to `metrics.jsonl`."""
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def save_checkpoint(self, checkpoint: Any, which: Literal["last", "best"] | int) -> Path:
+        """Write `checkpoint` (anything with `.save(path)`: a `Checkpoint`, atomically) as
+        `which` (see `checkpoint`); returns its path."""
+        path = self.checkpoint(which)
+        checkpoint.save(path)
+        return path
 
     def write_result(self, result: dict[str, Any]) -> None:
         """Write `result.json` atomically (a temporary file, then a rename): a run killed while

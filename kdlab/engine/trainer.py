@@ -7,6 +7,9 @@ needs one), evaluates every `train.eval_every` epochs, and stops resumable at an
   is reached only through its protocol (`kdlab.methods.base`); the step is `TrainStep`, the
   same object the benchmarks time; logging, checkpoints, progress, the label-noise record and
   the teacher-cache feed are callbacks (`kdlab.engine.callbacks`);
+- what training has reached is a `TrainState`; it, the method's extras, optimizer, scheduler,
+  scaler, RNG and stateful callbacks save and load themselves (`kdlab.engine.state`); callbacks
+  are given a `RunContext`, not the trainer, and the run folder writes every run file;
 - data order and augmentation are functions of (seed, epoch, sample index) only
   (`kdlab.data.sampling`), so resuming, even mid-epoch, reproduces the same batches;
 - `last.pt` is written atomically at the end of every epoch, and on Ctrl-C (with the position
@@ -19,22 +22,23 @@ needs one), evaluates every `train.eval_every` epochs, and stops resumable at an
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
+import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from kdlab.config.loader import config_to_dict, dump_config
+from kdlab.config.loader import config_to_dict
 from kdlab.schema.experiment import ExperimentConfig
 from kdlab.data.sampling import sample_seed
 from kdlab.engine.build import make_distiller
-from kdlab.engine.callbacks import Callback, default_callbacks
+from kdlab.engine.callbacks import Callback, TrainMetrics, default_callbacks
 from kdlab.engine.checkpoint import Checkpoint, ModelRecord, load_model_state
 from kdlab.engine.device import resolve_device
 from kdlab.engine.distributed import (
@@ -42,8 +46,12 @@ from kdlab.engine.distributed import (
 )
 from kdlab.engine.interrupts import InterruptGate
 from kdlab.engine.optim import build_optimizer, build_scheduler
+from kdlab.engine.result import RunResult
 from kdlab.engine.run_folder import ResumeMismatch, RunFolder, as_experiment
-from kdlab.engine.seed import rng_state, seed_everything, set_rng_state
+from kdlab.engine.seed import seed_everything
+from kdlab.engine.state import (
+    MethodExtras, RNGState, RunContext, Stateful, TrainState, callback_component, load_components, save_components,
+)
 from kdlab.engine.step import NonFiniteMonitor, TrainStep
 from kdlab.engine.tasks import Task, task_for
 from kdlab.engine.teacher_cache import teacher_feed
@@ -61,36 +69,23 @@ _WRITE_ONLY_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 SAVING = "Ctrl-C: the checkpoint is being saved; the run stops once it is written"
 
 
-@dataclass
-class RunResult:
-    """Summary of a finished run (also written to `<run_dir>/result.json`).
-
-    `last` and `best` hold the task's reported metrics (top1/top5 for classification) of the
-    last and the best epoch; `last_top1`... repeat them for classification, as papers report
-    either."""
-
-    run_dir: str
-    epochs: int
-    last_top1: float
-    last_top5: float
-    best_top1: float
-    best_top5: float
-    best_epoch: int
-    skipped_batches: int = 0
-    primary_metric: str = "top1"
-    last: dict[str, float] = field(default_factory=dict)
-    best: dict[str, float] = field(default_factory=dict)
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "history"}
-
-    def summary(self) -> str:
-        """One line in the task's own metric: "last top1 71.20  best top1 71.55 (epoch 238)",
-        or bbox_ap for detection."""
-        m = self.primary_metric
-        return (f"last {m} {self.last.get(m, math.nan):.2f}  best {m} {self.best.get(m, math.nan):.2f} "
-                f"(epoch {self.best_epoch})")
+@contextlib.contextmanager
+def epoch_lines_shown() -> Iterator[None]:
+    """`Trainer(cfg).fit()` from Python logs its epoch lines to stderr as `kdlab train` does; where
+    logging is set up already (the CLI, an application, pytest), that set-up alone decides, so no
+    line is shown twice."""
+    if log.hasHandlers() or log.level != logging.NOTSET:
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(logging.NOTSET)
 
 
 class Trainer:
@@ -100,21 +95,50 @@ class Trainer:
     overwrite: replace a run folder that already holds a run (without it, and without
         `resume`, such a folder is refused before anything is touched).
     callbacks: more `Callback`s, called after the built-in ones.
+    folder: the run folder, already claimed by the caller (`kdlab.engine.launch.claimed`, with
+        these `resume`/`overwrite`); without it the trainer claims `run_dir` (default
+        `<output_dir>/<name>`) itself.
+
+    What training has reached is `state` (`TrainState`); with the method's extras, optimizer,
+    scheduler, scaler, RNG and every callback with a `key` it forms `components`, which a
+    checkpoint saves and a resume restores by name (`kdlab.engine.state`).
     """
 
     def __init__(self, cfg: ExperimentConfig, *, resume: bool | str = False, run_dir: str | Path | None = None,
-                 overwrite: bool = False, callbacks: Iterable[Callback] = ()) -> None:
+                 overwrite: bool = False, callbacks: Iterable[Callback] = (), folder: RunFolder | None = None) -> None:
         self.cfg = cfg
         self.resume = resume
         self.overwrite = overwrite
+        self.claimed = folder is not None
+        if folder is not None:
+            run_dir = folder.path
         self.extra_callbacks = list(callbacks)
         self.device = resolve_device(cfg.train.device)
         self.dist: DistInfo = init_distributed(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self.run_dir = Path(run_dir) if run_dir is not None else Path(cfg.output_dir) / cfg.name
+        self.folder = RunFolder(self.run_dir)
         self.is_main = self.dist.is_main
         self.task: Task = task_for(cfg)
+        self.state = TrainState()
+
+    # What callbacks and scripts read before the state was declared.
+    @property
+    def best(self) -> dict[str, float]:
+        return self.state.best
+
+    @property
+    def best_epoch(self) -> int:
+        return self.state.best_epoch
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.state.history
+
+    @property
+    def skipped(self) -> int:
+        return self.state.skipped_batches
 
     # ------------------------------------------------------------------ set-up
     def build_distiller(self) -> Distiller:
@@ -124,11 +148,11 @@ class Trainer:
 
     def setup(self) -> None:
         cfg = self.cfg
-        # Every rank checks (so every rank refuses alike); only the main one clears anything.
-        RunFolder(self.run_dir).claim(resume=bool(self.resume), overwrite=self.overwrite, is_main=self.is_main,
-                                      cfg=cfg)
+        if not self.claimed:
+            # Every rank checks (so every rank refuses alike); only the main one clears anything.
+            self.folder.claim(resume=bool(self.resume), overwrite=self.overwrite, is_main=self.is_main, cfg=cfg)
         if self.is_main:
-            RunFolder(self.run_dir).check_writable()
+            self.folder.check_writable()
         seed_everything(cfg.train.seed, cfg.train.deterministic)
         self.data = self.task.build_data(cfg)
         self.num_classes = self.data.num_classes
@@ -171,26 +195,33 @@ class Trainer:
                               accumulate=cfg.train.accumulate)
         self.monitor = NonFiniteMonitor(self.device)
         feed = teacher_feed(cfg, self.data, self.distiller, self.device)
-        self.callbacks = default_callbacks(self, feed) + self.extra_callbacks
         self.start_epoch, self.start_batch = 1, 0
-        self.partial: dict[str, Any] | None = None
-        self.best: dict[str, float] = {}
-        self.best_epoch = 0
-        self.skipped = 0
-        self.history: list[dict[str, Any]] = []
+        self.run = RunContext(
+            cfg=cfg, folder=self.folder, state=self.state, task=self.task, data=self.data, is_main=self.is_main,
+            device=self.device, dist=self.dist, epochs=self.epochs, steps_per_epoch=self.steps_per_epoch,
+            start_epoch=1, snapshot=self.checkpoint)
+        self.callbacks = default_callbacks(self.run, feed) + self.extra_callbacks
+        self.metrics = next(c for c in self.callbacks if isinstance(c, TrainMetrics))
+        self.components: dict[str, Stateful] = {
+            "train": self.state, "extras": MethodExtras(self.distiller), "optimizer": self.optimizer,
+            "scheduler": self.scheduler, "rng": RNGState(),
+            **({"scaler": self.scaler} if self.scaler.is_enabled() else {}),
+            **{callback_component(c.key): c for c in self.callbacks if c.key},
+        }
         self.resumed = False
         if self.resume:
             self._load_resume()
+        self.run.start_epoch = self.start_epoch
         if self.is_main and not self.resumed:  # a resumed run keeps the config.yaml it started with
-            dump_config(cfg, self.run_dir / "config.yaml")
+            self.folder.write_config(cfg)
         self._fire("on_fit_start")
 
     def _fire(self, hook: str, *args: Any) -> None:
         for callback in self.callbacks:
-            getattr(callback, hook)(self, *args)
+            getattr(callback, hook)(self.run, *args)
 
     def _load_resume(self) -> None:
-        path = Path(self.resume) if isinstance(self.resume, (str, Path)) else self.run_dir / "last.pt"
+        path = Path(self.resume) if isinstance(self.resume, (str, Path)) else self.folder.checkpoint("last")
         if not path.is_file():
             if isinstance(self.resume, (str, Path)):
                 raise KDLabError(f"--resume {str(path)!r}: no such checkpoint")
@@ -219,47 +250,26 @@ class Trainer:
                 f"{self.cfg.model.name!r}; use another run name or output_dir"
             )
         load_model_state(self.distiller.student, ckpt.model_state, str(path), self.cfg.model.name)
-        self.distiller.load_extra_state_dict(ckpt.extra_state)
-        self.optimizer.load_state_dict(ckpt.optimizer)
-        self.scheduler.load_state_dict(ckpt.scheduler)
-        if ckpt.scaler:
-            self.scaler.load_state_dict(ckpt.scaler)
-        self.best, self.best_epoch = dict(ckpt.best), ckpt.best_epoch
-        self.skipped = ckpt.skipped_batches
-        self.history = list(ckpt.history)
-        self.start_epoch = ckpt.epoch + 1
+        load_components(self.components, ckpt.state, str(path))
+        self.start_epoch = self.state.epoch + 1
         self.resumed = True
-        for callback in self.callbacks:
-            if callback.key and callback.key in ckpt.callbacks:
-                callback.load_state_dict(ckpt.callbacks[callback.key])
-        if ckpt.partial:
-            self.start_batch = ckpt.partial["batches"]
-            self.partial = ckpt.partial
-            set_rng_state(ckpt.rng)
+        if self.state.partial:
+            self.start_batch = self.state.partial["batches"]
         log.info("resumed from %s at epoch %d%s", path, self.start_epoch,
                  f", batch {self.start_batch}" if ckpt.partial else "")
 
     def checkpoint(self, epoch: int, partial: dict | None = None) -> Checkpoint:
         """The run's state after `epoch` (and `partial`, a position inside the next epoch)."""
         cfg = self.cfg
+        state = save_components(self.components)
+        state["train"].update(epoch=epoch, partial=partial)
         return Checkpoint(
             model=ModelRecord(cfg.model.name, self.num_classes, dict(cfg.model.kwargs)),
             model_state=self.distiller.student.state_dict(),
             method=cfg.method.name,
-            extra_state=self.distiller.extra_state_dict(),
-            optimizer=self.optimizer.state_dict(),
-            scheduler=self.scheduler.state_dict(),
-            scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            epoch=epoch,
-            best=dict(self.best),
-            best_epoch=self.best_epoch,
-            skipped_batches=self.skipped,
-            history=self.history,
-            rng=rng_state(),
-            partial=partial,
-            callbacks={c.key: c.state_dict() for c in self.callbacks if c.key},
             config=config_to_dict(cfg),
             class_names=list(self.data.class_names),
+            state=state,
         )
 
     # ------------------------------------------------------------------ training
@@ -272,13 +282,13 @@ class Trainer:
             return
         self.monitor.reset()
         shown = ", ".join(f"{k}={v:.4g}" for k, v in terms.items()) or "on another rank"
-        last = self.run_dir / "last.pt"
+        last = self.folder.checkpoint("last")
         where = f"epoch {epoch}, batch {first}" if first >= 0 else f"epoch {epoch}"
         if self.cfg.train.nonfinite == "skip":
-            self.skipped += count
+            self.state.skipped_batches += count
             log.warning("non-finite loss at %s (%s): %d batch(es) skipped (%d so far)", where, shown, count,
-                        self.skipped)
-            if self.skipped <= self.cfg.train.max_skipped:
+                        self.state.skipped_batches)
+            if self.state.skipped_batches <= self.cfg.train.max_skipped:
                 return
             raise TrainingError(
                 f"more than train.max_skipped={self.cfg.train.max_skipped} batches had a non-finite loss "
@@ -300,13 +310,11 @@ class Trainer:
             # randomness does not depend on what ran before it.
             torch.manual_seed(sample_seed(cfg.train.seed, epoch, -1))
         self.distiller.train()
-        sums: dict[str, Tensor] = {}
-        if start and self.partial and self.is_main:  # saved sums are rank 0's alone
-            sums = {k: torch.tensor(v, device=self.device, dtype=torch.float64)
-                    for k, v in self.partial["sums"].items()}
         batches = start
         stop_at = self.total_steps - (epoch - 1) * self.steps_per_epoch  # train.iterations ends mid-epoch
         per_step = cfg.schedule.unit == "iteration"
+        # Sample indices reach only a method that declares it reads them (`needs_sample_indices`).
+        needs_indices = self.distiller.needs_sample_indices
         self._fire("on_epoch_start", epoch, start)
         # Ctrl-C during a step waits for its end (a step is never split); between steps it acts at once.
         gate = InterruptGate("Ctrl-C: the run stops at the end of this step, with a checkpoint", holding=False)
@@ -317,47 +325,26 @@ class Trainer:
                     break
                 gate.hold()
                 batch = self.task.to_batch(raw, self.device, channels_last=cfg.train.channels_last)
-                self._fire("on_batch", batch, epoch)
+                self._fire("on_batch", batch, epoch)  # callbacks see the indices (the teacher-cache feed reads them)
+                if not needs_indices:
+                    batch.indices = None
                 result = self.step(batch, epoch)
                 if per_step:
                     self.scheduler.step()
                 self.monitor.record(result, batches)
-                with torch.no_grad():
-                    keep = result.finite
-                    n = torch.where(keep, float(batch.size), 0.0).double()
-                    named = [("train/loss", result.loss)]
-                    named += [(f"train/{k}", v) for k, v in result.out.losses.items()]
-                    named += [(f"stat/{k}", v) for k, v in result.out.stats.items()]
-                    for key, value in named:
-                        sums[key] = sums.get(key, 0) + torch.where(keep, value.detach().double(), 0.0) * n
-                    if result.out.logits is not None:
-                        hits = (result.out.logits.argmax(1) == batch.targets).sum().double()
-                        sums["correct"] = sums.get("correct", 0) + torch.where(keep, hits, 0.0)
-                    sums["count"] = sums.get("count", 0) + n
                 batches += 1
+                self.state.step += 1
                 self._fire("on_step_end", batches, result)
                 gate.release()
                 if batches % cfg.train.check_every == 0:
                     self._check_nonfinite(epoch)
             self._check_nonfinite(epoch)
         except KeyboardInterrupt:
-            self._interrupted(epoch, {"batches": batches, "sums": {k: float(v) for k, v in sums.items()}})
+            self._interrupted(epoch, {"batches": batches, "sums": self.metrics.position_sums()})
             raise
         finally:
             gate.restore()
-        self.epoch_sums = sums
-        keys = sorted(sums)
-        packed = torch.stack([torch.as_tensor(sums[k], device=self.device, dtype=torch.float64) for k in keys]) \
-            if keys else None
-        if packed is not None:
-            all_reduce_sum(packed, self.dist)
-        totals = dict(zip(keys, packed.tolist())) if packed is not None else {}
-        count = max(totals.pop("count", 0.0), 1.0)
-        correct = totals.pop("correct", None)
-        row = {k: v / count for k, v in totals.items()}
-        if correct is not None:
-            row["train/top1"] = 100.0 * correct / count
-        return row
+        return self.metrics.epoch_row(self.run)
 
     def _interrupted(self, epoch: int, position: dict[str, Any]) -> None:
         self._was_interrupted = True
@@ -370,16 +357,21 @@ class Trainer:
             return self.task.evaluate(self.distiller.student, self.val_loader, self.data, self.cfg, self.device)
         except KeyboardInterrupt:
             # The epoch's training is kept: resuming skips straight to this evaluation.
-            sums = {k: float(v) for k, v in self.epoch_sums.items()} if self.is_main else {}
+            sums = self.metrics.position_sums() if self.is_main else {}
             self._interrupted(epoch, {"batches": self.steps_per_epoch, "sums": sums, "evaluating": True})
             raise
 
     def fit(self) -> RunResult:
-        folder = RunFolder(self.run_dir)
+        with epoch_lines_shown():
+            return self._setup_and_fit()
+
+    def _setup_and_fit(self) -> RunResult:
+        folder = self.folder
         try:
             self.setup()
         except BaseException:
-            folder.release(abandon=True)  # a run that failed before it started leaves no folder behind
+            if not self.claimed:  # the caller that claimed the folder releases it
+                folder.release(abandon=True)  # a run that failed before it started leaves no folder behind
             raise
         try:
             return self._fit()
@@ -389,7 +381,8 @@ class Trainer:
                 raise
             raise failure from None
         finally:
-            folder.release()  # the next writer may take the folder
+            if not self.claimed:
+                folder.release()  # the next writer may take the folder
 
     def _write_failure(self, exc: OSError) -> KDLabError | None:
         """The one message of a run file that could not be written (None: `exc` is no such failure)."""
@@ -397,7 +390,7 @@ class Trainer:
         inside = name is not None and Path(name).resolve().is_relative_to(self.run_dir.resolve())
         if not (inside or (name is None and exc.errno in _WRITE_ONLY_ERRNOS)):
             return None
-        last = self.run_dir / "last.pt"
+        last = self.folder.checkpoint("last")
         try:
             saved = Checkpoint.load(last)
             where = f"epoch {saved.epoch + 1}, batch {saved.partial['batches']}" if saved.partial \
@@ -421,18 +414,19 @@ class Trainer:
                 if epoch % cfg.train.eval_every == 0 or epoch == self.epochs:
                     metrics = self._evaluate(epoch)
                     row.update({f"val/{k}": v for k, v in metrics.items()})
-                    if metrics[primary] > self.best.get(primary, -math.inf):
-                        self.best = {k: metrics[k] for k in self.task.reported_metrics if k in metrics}
-                        self.best_epoch = epoch
+                    if metrics[primary] > self.state.best.get(primary, -math.inf):
+                        self.state.best = {k: metrics[k] for k in self.task.reported_metrics if k in metrics}
+                        self.state.best_epoch = epoch
                 else:
                     row.update({f"val/{k}": math.nan for k in (*self.task.reported_metrics, "loss")})
                 if cfg.schedule.unit == "epoch":
                     self.scheduler.step()
-                row[f"best_{primary}"] = self.best.get(primary, math.nan)
-                row["skipped_batches"] = self.skipped
+                row[f"best_{primary}"] = self.state.best.get(primary, math.nan)
+                row["skipped_batches"] = self.state.skipped_batches
                 row["time_s"] = time.perf_counter() - t0
-                self.history.append(row)
-                self.start_batch, self.partial = 0, None
+                self.state.history.append(row)
+                self.state.epoch, self.state.partial = epoch, None
+                self.start_batch = 0
                 with InterruptGate(SAVING) as gate:  # the epoch's checkpoints are written whole
                     self._fire("on_epoch_end", epoch, row)
                 if gate.pending:
@@ -451,9 +445,8 @@ class Trainer:
         last = {k: last_row.get(f"val/{k}", math.nan) for k in self.task.reported_metrics}
         result = RunResult(
             run_dir=str(self.run_dir), epochs=self.epochs,
-            last_top1=last.get("top1", math.nan), last_top5=last.get("top5", math.nan),
-            best_top1=self.best.get("top1", math.nan), best_top5=self.best.get("top5", math.nan),
             best_epoch=self.best_epoch, skipped_batches=self.skipped, primary_metric=self.task.primary_metric,
+            headline=self.task.headline_metrics,
             last=last, best=dict(self.best), history=self.history,
         )
         trained = self.start_epoch <= self.epochs  # else a finished run resumed: it stays as it was

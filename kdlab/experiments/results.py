@@ -2,9 +2,11 @@
 
 A run folder is any folder holding a complete `result.json` (written by the trainer at the
 end of a run) and `config.yaml` (read through `kdlab.engine.run_folder.RunFolder`). Runs named `<name>_seed<k>` (what `kdlab train --seeds N` writes)
-are grouped under `<name>`; every group reports n and, for last-epoch and best-epoch top-1
-and top-5 (box AP and AP50 for detection runs), the mean and the *sample* standard deviation (n - 1 in the denominator; 0 for a
-single run). Papers report either last or best accuracy, so both are shown. A group whose
+are grouped under `<name>`; every group reports n and, for the last-epoch and best-epoch value
+of each metric its task reports (`kdlab.engine.result.RunResult`), the mean and the *sample*
+standard deviation (n - 1 in the denominator; 0 for a single run). The text table shows the
+task's headline metrics (`Task.headline_metrics`), the CSV every metric. Papers report either
+the last or the best value, so both are shown. A group whose
 runs are not the same experiment up to their seed (`kdlab.schema.compare`) is flagged.
 """
 from __future__ import annotations
@@ -18,18 +20,12 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from kdlab.schema.compare import run_differences
+from kdlab.engine.result import RunResult
 from kdlab.engine.run_folder import RunFolder
 from kdlab.errors import KDLabError
 from kdlab.text_table import print_table
 
 SEED_SUFFIX = re.compile(r"^(?P<base>.+)_seed(?P<seed>-?\d+)$")
-METRICS = ("last_top1", "best_top1", "last_top5", "best_top5")
-#: The same for detection runs (`task: detection`; result.json's `last`/`best` COCO AP values).
-DETECTION_METRICS = ("last_bbox_ap", "best_bbox_ap", "last_bbox_ap50", "best_bbox_ap50")
-#: Column titles of the text table.
-METRIC_TITLES = {"last_top1": "last top-1", "best_top1": "best top-1", "last_top5": "last top-5",
-                 "best_top5": "best top-5", "last_bbox_ap": "last box AP", "best_bbox_ap": "best box AP",
-                 "last_bbox_ap50": "last AP50", "best_bbox_ap50": "best AP50"}
 
 
 def seed_run_name(name: str, seed: int) -> str:
@@ -70,6 +66,8 @@ class RunRecord:
     metrics: dict[str, float]
     best_epoch: int
     config: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: `last_<m>`/`best_<m>` of the task's headline metrics: the text table's columns.
+    headline: tuple[str, ...] = ()
 
 
 def read_run(run_dir: str | Path) -> RunRecord:
@@ -77,7 +75,7 @@ def read_run(run_dir: str | Path) -> RunRecord:
     as written; `same_up_to_seed` reads it as the current schema does when that matters)."""
     folder = RunFolder(run_dir)
     run_dir = folder.path
-    result = folder.read_result()
+    result = RunResult.from_json(folder.read_result())
     config: dict[str, Any] = folder.saved_config() or {}
     name = str(config.get("name") or run_dir.name)
     group, seed = split_seed_name(name)
@@ -93,12 +91,11 @@ def read_run(run_dir: str | Path) -> RunRecord:
         model=str((config.get("model") or {}).get("name", "?")),
         teacher=str(teacher.get("name", "-")) if teacher else "-",
         dataset=str((config.get("data") or {}).get("name", "?")),
-        epochs=int(result.get("epochs", 0)),
-        metrics={**{k: float(result.get(k, math.nan)) for k in METRICS},
-                 **{k: float((result.get(k.split("_", 1)[0]) or {}).get(k.split("_", 1)[1], math.nan))
-                    for k in DETECTION_METRICS}},
-        best_epoch=int(result.get("best_epoch", 0)),
+        epochs=result.epochs,
+        metrics=result.flat_metrics(),
+        best_epoch=result.best_epoch,
         config=config,
+        headline=tuple(f"{when}_{m}" for m in result.headline for when in ("last", "best")),
     )
 
 
@@ -162,7 +159,8 @@ def group_runs(records: Iterable[RunRecord], root: str | Path | None = None) -> 
     out = []
     for key, runs in groups.items():
         runs.sort(key=lambda r: (r.seed if r.seed is not None else -1, r.name))
-        stats = {m: mean_std([r.metrics[m] for r in runs]) for m in METRICS + DETECTION_METRICS}
+        names = dict.fromkeys(m for r in runs for m in r.metrics)
+        stats = {m: mean_std([r.metrics.get(m, math.nan) for r in runs]) for m in names}
         consistent = all(same_up_to_seed(runs[0], r) for r in runs[1:])
         out.append(GroupSummary(key, runs, stats, consistent))
     return sorted(out, key=lambda g: g.group)
@@ -177,14 +175,21 @@ def fmt_mean_std(mean: float, std: float, n: int) -> str:
 TABLE_HEADERS = ["run", "n", "method", "model", "teacher"]
 
 
-def shown_metrics(groups: Sequence[GroupSummary]) -> tuple[str, ...]:
-    """The metric columns the groups have values for: top-1/top-5 for classification runs,
-    box AP/AP50 for detection runs, both for a folder holding both kinds."""
-    def present(keys: tuple[str, ...]) -> bool:
-        return any(not math.isnan(g.stats[k][0]) for g in groups for k in keys)
+def shown_metrics(groups: Sequence[GroupSummary], *, headline: bool = True) -> tuple[str, ...]:
+    """The metric columns (`last_<m>`, `best_<m>`) some group has a value for: the headline
+    metrics of the runs' tasks (`headline`, the text table), or every metric (the CSV). A folder
+    holding runs of several tasks shows the columns of each."""
+    def value(g: GroupSummary, key: str) -> bool:
+        return not math.isnan(g.stats.get(key, (math.nan, 0.0))[0])
 
-    cls, det = present(METRICS), present(DETECTION_METRICS)
-    return (METRICS if cls or not det else ()) + (DETECTION_METRICS if det else ())
+    order = [k for g in groups for r in g.runs for k in (r.headline if headline else r.metrics)]
+    return tuple(k for k in dict.fromkeys(order) if any(value(g, k) for g in groups))
+
+
+def metric_title(key: str) -> str:
+    """`last_bbox_ap` -> "last bbox_ap": the column title of a metric."""
+    when, _, name = key.partition("_")
+    return f"{when} {name}"
 
 
 def table_rows(groups: Sequence[GroupSummary]) -> list[list[str]]:
@@ -192,7 +197,7 @@ def table_rows(groups: Sequence[GroupSummary]) -> list[list[str]]:
     for g in groups:
         name = g.group if g.consistent else f"{g.group} (configs differ!)"
         rows.append([name, str(g.n), g.first.method, g.first.model, g.first.teacher]
-                    + [fmt_mean_std(*g.stats[m], g.n) for m in shown_metrics(groups)])
+                    + [fmt_mean_std(*g.stats.get(m, (math.nan, 0.0)), g.n) for m in shown_metrics(groups)])
     return rows
 
 
@@ -202,7 +207,7 @@ def format_text(groups: Sequence[GroupSummary], markdown: bool = False) -> str:
     rows = table_rows(groups)
     if markdown:
         rows = [[c.replace("|", "\\|") for c in r] for r in rows]
-    print_table(TABLE_HEADERS + [METRIC_TITLES[m] for m in shown_metrics(groups)], rows, file=buf)
+    print_table(TABLE_HEADERS + [metric_title(m) for m in shown_metrics(groups)], rows, file=buf)
     return buf.getvalue()
 
 
@@ -211,7 +216,7 @@ def format_csv(groups: Sequence[GroupSummary]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
     header = ["run", "n", "method", "model", "teacher", "dataset", "epochs"]
-    metrics = shown_metrics(groups)
+    metrics = shown_metrics(groups, headline=False)
     for m in metrics:
         header += [f"{m}_mean", f"{m}_std"]
     header += ["seeds", "run_dirs", "consistent"]
@@ -219,7 +224,7 @@ def format_csv(groups: Sequence[GroupSummary]) -> str:
     for g in groups:
         row: list[Any] = [g.group, g.n, g.first.method, g.first.model, g.first.teacher, g.first.dataset, g.first.epochs]
         for m in metrics:
-            mean, std = g.stats[m]
+            mean, std = g.stats.get(m, (math.nan, 0.0))
             row += [f"{mean:.4f}", f"{std:.4f}"]
         row += [" ".join(str(r.seed) for r in g.runs), " ".join(str(r.run_dir) for r in g.runs), g.consistent]
         writer.writerow(row)
@@ -227,7 +232,7 @@ def format_csv(groups: Sequence[GroupSummary]) -> str:
 
 
 __all__ = [
-    "DETECTION_METRICS", "GroupSummary", "METRICS", "RunRecord", "find_runs", "fmt_mean_std", "format_csv", "format_text",
-    "group_runs", "mean_std", "read_run", "same_up_to_seed", "seed_run_name", "shown_metrics", "split_seed_name",
+    "GroupSummary", "RunRecord", "find_runs", "fmt_mean_std", "format_csv", "format_text", "group_runs", "mean_std",
+    "metric_title", "read_run", "same_up_to_seed", "seed_run_name", "shown_metrics", "split_seed_name",
     "unfinished_runs",
 ]

@@ -12,6 +12,8 @@ from typing import Any
 
 from kdlab.config.loader import config_to_dict, validate_config
 from kdlab.schema.experiment import ExperimentConfig
+from kdlab.engine.launch import claimed
+from kdlab.engine.run_folder import RunFolder
 from kdlab.engine.trainer import Trainer
 from kdlab.errors import ConfigError
 from kdlab.experiments.results import format_text, group_runs, read_run, seed_run_name
@@ -33,15 +35,19 @@ def seed_configs(cfg: ExperimentConfig, n: int) -> list[ExperimentConfig]:
     return out
 
 
-def run_seeds(cfg: ExperimentConfig, n: int, resume: bool | str = False) -> list[Any]:
+def run_seeds(cfg: ExperimentConfig, n: int, resume: bool | str = False, overwrite: bool = False) -> list[Any]:
     """Train the `n` seed variants of `cfg` one after another; return their `RunResult`s.
 
-    A seed whose folder already has `result.json` is trained again only if `resume` is
-    False; with `resume=True` finished seeds are kept and an interrupted one continues."""
+    Every seed's folder is claimed before the first seed trains (`kdlab.engine.launch.claimed`):
+    a folder that holds a run is refused unless `resume` (finished seeds are kept, an
+    interrupted one continues) or `overwrite` (every seed is trained again)."""
+    configs = seed_configs(cfg, n)
+    folders = [RunFolder.of(c) for c in configs]
     results = []
-    for i, seed_cfg in enumerate(seed_configs(cfg, n)):
-        log.info("== seed %d (%d of %d): %s", seed_cfg.train.seed, i + 1, n, seed_cfg.name)
-        results.append(Trainer(seed_cfg, resume=bool(resume)).fit())
+    with claimed(folders, resume=bool(resume), overwrite=overwrite, cfgs=configs):
+        for i, (seed_cfg, folder) in enumerate(zip(configs, folders)):
+            log.info("== seed %d (%d of %d): %s", seed_cfg.train.seed, i + 1, n, seed_cfg.name)
+            results.append(Trainer(seed_cfg, resume=bool(resume), folder=folder).fit())
     return results
 
 
@@ -50,12 +56,12 @@ def seeds_summary(run_dirs: list[str]) -> str:
     return format_text(group_runs([read_run(d) for d in run_dirs]))
 
 
-def run_seeds_cli(cfg: ExperimentConfig, n: int, resume: bool | str = False) -> int:
+def run_seeds_cli(cfg: ExperimentConfig, n: int, resume: bool | str = False, overwrite: bool = False) -> int:
     """`kdlab train CONFIG --seeds N`: train, print one line per seed and the summary table."""
     if isinstance(resume, str):
         raise ConfigError("--resume CHECKPOINT names one run's checkpoint and cannot be combined with --seeds; "
                           "use --resume alone (each seed continues its own <name>_seed<k>/last.pt)")
-    results = run_seeds(cfg, n, resume)
+    results = run_seeds(cfg, n, resume, overwrite)
     for r in results:
         print(f"{r.run_dir}: {r.summary()}")
     print()

@@ -28,6 +28,7 @@ from kdlab.config.loader import (
     apply_overrides, deep_merge, format_validation_errors, load_yaml_mapping, override_section, read_yaml,
     validate_config,
 )
+from kdlab.config.plugins import merge_specs, resolve_specs
 from kdlab.schema.experiment import ExperimentConfig, StrictModel
 from kdlab.engine.run_folder import RunFolder
 from kdlab.errors import ConfigError
@@ -208,12 +209,17 @@ def read_chain_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
                                        shape="a mapping with 'experiment:' and 'chain:'")
     bases = data.pop("base", None) or []
     exp = data.get("experiment")
+    if isinstance(exp, dict) and "imports" in exp:  # plugins: relative to this file, as in read_yaml
+        exp["imports"] = resolve_specs(exp["imports"], path.parent, where=f"{path}: experiment.imports")
     if isinstance(exp, dict) and exp.get("base"):
         ebases = exp.pop("base")
         merged_exp: dict = {}
         for b in [ebases] if isinstance(ebases, str) else ebases:
             merged_exp = deep_merge(merged_exp, read_yaml(path.parent / b))
         data["experiment"] = deep_merge(merged_exp, exp)
+        imports = merge_specs(merged_exp.get("imports", []), exp.get("imports", []))
+        if imports:
+            data["experiment"]["imports"] = imports
     merged: dict = {}
     for b in [bases] if isinstance(bases, str) else bases:
         merged = deep_merge(merged, read_chain_yaml(path.parent / b, _seen + (resolved,)))

@@ -30,6 +30,7 @@ from kdlab.engine.build import eval_loader
 from kdlab.engine.checkpoint import build_model_from_checkpoint
 from kdlab.engine.device import resolve_device
 from kdlab.engine.evaluate import autocast_context
+from kdlab.engine.result import RunResult
 from kdlab.errors import KDLabError
 from kdlab.generations.config import Chain
 from kdlab.text_table import print_table
@@ -106,17 +107,18 @@ def build_report(chain: Chain) -> dict[str, Any]:
         del model
         # float64 softmax: confident models keep their tiny non-target mass (float32 rounds it to 0).
         probs = logits.double().softmax(1)
-        result = folder.read_result()
+        # Generations are classification runs (softmax ensembles): their task reports top1/top5.
+        result = RunResult.from_json(folder.read_result())
         row: dict[str, Any] = {
             "gen": m,
             "loss": describe_generation(chain, m),
             "lam": None if m == 0 else chain.settings.lam_of(m),
-            "top1_last": result["last_top1"],
-            "top5_last": result["last_top5"],
-            "top1_best": result["best_top1"],
-            "top5_best": result["best_top5"],
-            "best_epoch": result["best_epoch"],
-            "last_epoch": result["epochs"],
+            "top1_last": result.last.get("top1"),
+            "top5_last": result.last.get("top5"),
+            "top1_best": result.best.get("top1"),
+            "top5_best": result.best.get("top5"),
+            "best_epoch": result.best_epoch,
+            "last_epoch": result.epochs,
             "checkpoint": chain.settings.checkpoint,
             "checkpoint_top1": topk_accuracy(probs, targets, 1),
             "checkpoint_top5": topk_accuracy(probs, targets, 5),

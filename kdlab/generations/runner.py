@@ -17,7 +17,7 @@ import yaml
 
 from kdlab.schema.experiment import check_run_name
 from kdlab.engine.run_folder import RunFolder, RunFolderTaken, is_main_process, taken_message
-from kdlab.engine.trainer import Trainer
+from kdlab.engine.launch import train_run
 from kdlab.errors import CheckpointError, ConfigError
 from kdlab.generations.config import Chain
 from kdlab.generations.report import write_report
@@ -140,7 +140,7 @@ def _train_chain(chain: Chain, main: bool, *, report: bool, stop_after: int | No
             what = cfg.method.name if m == 0 else f"generation (lam {chain.settings.lam_of(m):g})"
             log.info("generation %d/%d: %s -> %s", m, chain.settings.generations, what, chain.run_dir(m))
             # resume=True: the chain is claimed above; an interrupted generation continues.
-            Trainer(cfg, resume=True, run_dir=chain.run_dir(m)).fit()
+            train_run(cfg, resume=True, run_dir=chain.run_dir(m))
         if stop_after is not None and m >= stop_after:
             return None
     if not report or not main:

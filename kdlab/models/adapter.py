@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import importlib.util
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,6 +37,7 @@ from typing import Any, Sequence
 from torch import Tensor, nn
 
 from kdlab.errors import ConfigError
+from kdlab.registry import import_file
 from kdlab.models.capture import (
     pooled_vector,
     recorded_input,
@@ -176,15 +176,7 @@ def _load_module(target: str, label: str):
         key = "kdlab_user_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
         if key in sys.modules:
             return sys.modules[key]
-        spec = importlib.util.spec_from_file_location(key, path)
-        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.modules[key] = module
-        try:
-            spec.loader.exec_module(module)  # type: ignore[union-attr]
-        except BaseException:
-            del sys.modules[key]
-            raise
-        return module
+        return import_file(path, key)
     try:
         return importlib.import_module(target)
     except ModuleNotFoundError as exc:

@@ -6,7 +6,7 @@ For the chosen rows (plus the baseline rows that `top1_gain` rows are measured a
    resolve its teacher (the row's `teacher_config` run's `last.pt` or `best.pt`, whichever the
    row's config names: reused when present, trained first otherwise; or the config's own
    `teacher.weights`/`teacher.checkpoint`), and
-   build each dataset once (`build_datasets`). A missing config, dataset, teacher file, or a
+   build each dataset once (its task's `check_data`). A missing config, dataset, teacher file, or a
    run folder holding another config becomes that row's one-line problem; the other rows go on.
    A row's run folder that already holds a run is refused untouched unless `resume` (a
    finished run of the same config is reused, an interrupted one continues from `last.pt`)
@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from kdlab.config.loader import load_config, override_section
-from kdlab.data import build_datasets
+from kdlab.engine.result import RunResult
 from kdlab.engine.run_folder import RunFolder
-from kdlab.engine.trainer import Trainer
-from kdlab.errors import DataError, KDLabError
+from kdlab.engine.tasks import task_for
+from kdlab.engine.launch import train_run
+from kdlab.errors import ConfigError, DataError, KDLabError
 from kdlab.experiments.results import mean_std
 from kdlab.experiments.seeds import seed_configs
 from kdlab.generations.config import is_chain_file, load_chain
@@ -98,13 +99,16 @@ class Plan:
         return "to train" + (" (teacher first)" if self.teacher_action == "train" else "")
 
 
-def _dataset_problem(data_cfg: Any, seed: int, cache: dict[str, str | None]) -> str | None:
-    key = json.dumps([data_cfg.name, data_cfg.root, data_cfg.train_split, data_cfg.val_split, data_cfg.transform])
+def _dataset_problem(cfg: Any, cache: dict[str, str | None]) -> str | None:
+    """Why the data of `cfg` cannot be built (None when it can), asked of its task once per dataset."""
+    data_cfg = cfg.data
+    key = json.dumps([cfg.task, data_cfg.name, data_cfg.root, data_cfg.train_split, data_cfg.val_split,
+                      data_cfg.transform, cfg.detection.model_dump(mode="json") if cfg.detection is not None else None])
     if key not in cache:
         try:
-            build_datasets(data_cfg.model_copy(update={"train_subset": None, "label_noise": 0.0}), seed=seed)
+            task_for(cfg).check_data(cfg)
             cache[key] = None
-        except DataError as exc:
+        except (DataError, ConfigError) as exc:
             cache[key] = f"dataset {data_cfg.name!r} is not available: {exc}"
     return cache[key]
 
@@ -124,9 +128,8 @@ def plan_row(row: Row, overrides: Sequence[str], root: Path, seeds: int, data_ca
     try:
         if is_chain_file(path):
             plan.chain = load_chain(path, list(shared) + list(own))
-            data_cfg, seed = plan.chain.configs[0].data, plan.chain.configs[0].train.seed
             plan.problem = (chain_refusal(plan.chain, resume=resume, overwrite=overwrite)
-                            or _dataset_problem(data_cfg, seed, data_cache))
+                            or _dataset_problem(plan.chain.configs[0], data_cache))
             return plan
         teacher_override: list[str] = []
         if row.teacher_config and not any(o.startswith("teacher.checkpoint=") for o in own):
@@ -139,10 +142,12 @@ def plan_row(row: Row, overrides: Sequence[str], root: Path, seeds: int, data_ca
             # The file the row's config names: last.pt (DKD/KD, the final epoch as the DKD authors
             # distil from) or best.pt (ReviewKD's official scripts; also when it names neither).
             named = load_config(path, list(shared) + list(own)).teacher
-            t_file = "last.pt" if named is not None and Path(named.checkpoint or "").name == "last.pt" else "best.pt"
-            teacher_override = [f"teacher.checkpoint={t_dir / t_file}", "teacher.weights=null"]
             t_folder = RunFolder(t_dir)
-            reusable = (t_dir / t_file).is_file() and t_folder.is_finished() and not t_folder.differences(plan.teacher_cfg)
+            last = t_folder.checkpoint("last")
+            t_file = last if named is not None and Path(named.checkpoint or "").name == last.name \
+                else t_folder.checkpoint("best")
+            teacher_override = [f"teacher.checkpoint={t_file}", "teacher.weights=null"]
+            reusable = t_file.is_file() and t_folder.is_finished() and not t_folder.differences(plan.teacher_cfg)
             plan.teacher_action = "reuse" if reusable else "train"
             conflict = None if reusable else folder_problem(plan.teacher_cfg, resume=resume, overwrite=overwrite,
                                                              what="teacher run")
@@ -151,9 +156,9 @@ def plan_row(row: Row, overrides: Sequence[str], root: Path, seeds: int, data_ca
                 return plan
         cfg = load_config(path, list(shared) + list(own) + teacher_override)
         plan.configs = seed_configs(cfg, seeds) if seeds > 1 else [cfg]
-        problems: list[str | None] = [_dataset_problem(cfg.data, cfg.train.seed, data_cache)]
+        problems: list[str | None] = [_dataset_problem(cfg, data_cache)]
         if plan.teacher_cfg is not None:
-            problems.append(_dataset_problem(plan.teacher_cfg.data, plan.teacher_cfg.train.seed, data_cache))
+            problems.append(_dataset_problem(plan.teacher_cfg, data_cache))
         if cfg.teacher is not None and plan.teacher_cfg is None:
             plan.teacher_action = "file"
             for label, value in (("teacher.checkpoint", cfg.teacher.checkpoint), ("teacher.weights", cfg.teacher.weights)):
@@ -192,15 +197,23 @@ def plan_rows(rows: Sequence[Row], overrides: Sequence[str] = (), *, root: str |
 # ------------------------------------------------------------------------------------ running
 @dataclass
 class Measured:
-    """Mean over seeds (or the best generation of a chain) of the run results."""
+    """Mean over seeds (or the best generation of a chain) of the run results: the task's
+    metrics (`RunResult.last`/`best`: top1/top5, bbox_ap/segm_ap, ...) by name."""
 
-    last_top1: float
-    best_top1: float
-    last_top5: float
-    best_top5: float
+    last: dict[str, float]
+    best: dict[str, float]
     n: int
-    std_last_top1: float = 0.0
+    std_last: dict[str, float] = field(default_factory=dict)
     run_dirs: list[str] = field(default_factory=list)
+
+    @classmethod
+    def mean_of(cls, results: Sequence[RunResult], run_dirs: list[str]) -> "Measured":
+        """Mean and sample std of every metric over `results` (one per seed)."""
+        names = list(dict.fromkeys(m for r in results for m in (*r.last, *r.best)))
+        last = {m: mean_std([r.last.get(m, math.nan) for r in results]) for m in names}
+        best = {m: mean_std([r.best.get(m, math.nan) for r in results]) for m in names}
+        return cls({m: v[0] for m, v in last.items()}, {m: v[0] for m, v in best.items()}, len(results),
+                   {m: v[1] for m, v in last.items()}, run_dirs)
 
 
 def _train(cfg: Any, plan: Plan, trained: set[Path], what: str = "run") -> Path:
@@ -212,12 +225,7 @@ def _train(cfg: Any, plan: Plan, trained: set[Path], what: str = "run") -> Path:
         log.info("%s: finished earlier, reused", folder.path)
         trained.add(key)
         return folder.path
-    folder.claim(resume=plan.resume, overwrite=plan.overwrite, what=what, retry=RETRY, cfg=cfg)
-    try:
-        Trainer(cfg, resume=True).fit()  # resume=True: claimed above; an interrupted run continues
-    except BaseException:
-        folder.release(abandon=True)  # a run that failed before it started leaves no folder behind
-        raise
+    train_run(cfg, resume=plan.resume, overwrite=plan.overwrite, what=what, retry=RETRY)
     trained.add(key)
     return folder.path
 
@@ -230,38 +238,42 @@ def run_plan(plan: Plan, trained: set[Path] | None = None) -> Measured:
         raise KDLabError(f"{plan.row.id}: {plan.problem}")
     if plan.chain is not None:
         run_chain(plan.chain, resume=plan.resume, overwrite=plan.overwrite)
-        results = [plan.chain.folder(m).read_result() for m in plan.chain.finished_generations()]
+        results = [RunResult.from_json(plan.chain.folder(m).read_result())
+                   for m in plan.chain.finished_generations()]
         if not results:
             raise KDLabError(f"{plan.row.id}: the chain has no finished generation")
-        key = "last_top5" if plan.row.metric.startswith("top5") else "last_top1"
-        best = max(results, key=lambda r: r[key])  # the best generation by the row's metric
-        return Measured(best["last_top1"], best["best_top1"], best["last_top5"], best["best_top5"], 1,
-                        run_dirs=[str(plan.chain.root)])
+        key = base_metric(plan.row.metric)
+        best = max(results, key=lambda r: r.last.get(key, -math.inf))  # the best generation by the row's metric
+        return Measured.mean_of([best], [str(plan.chain.root)])
     if plan.teacher_cfg is not None and plan.teacher_action == "train":
         log.info("== %s: training its teacher %s first", plan.row.id, plan.teacher_cfg.name)
         _train(plan.teacher_cfg, plan, trained, "teacher run")
         plan.teacher_action = "reuse"
     dirs = [_train(c, plan, trained) for c in plan.configs]
-    res = [RunFolder(d).read_result() for d in dirs]
-    vals = {k: mean_std([r[k] for r in res]) for k in ("last_top1", "best_top1", "last_top5", "best_top5")}
-    return Measured(vals["last_top1"][0], vals["best_top1"][0], vals["last_top5"][0], vals["best_top5"][0],
-                    len(res), vals["last_top1"][1], [str(d) for d in dirs])
+    return Measured.mean_of([RunResult.from_json(RunFolder(d).read_result()) for d in dirs], [str(d) for d in dirs])
+
+
+def base_metric(metric: str) -> str:
+    """The measured metric a row's metric is computed from: `top1_error` -> `top1`,
+    `top1_gain_best_generation` -> `top1`, `bbox_ap` -> `bbox_ap`."""
+    return metric.removesuffix("_best_generation").removesuffix("_error").removesuffix("_gain")
 
 
 def metric_values(row: Row, m: Measured, baseline: Measured | None = None) -> tuple[float, float]:
-    """(last-epoch, best-epoch) value of the row's metric from a measurement."""
-    metric = row.metric.removesuffix("_best_generation")
-    if metric == "top1":
-        return m.last_top1, m.best_top1
-    if metric == "top1_error":
-        return 100.0 - m.last_top1, 100.0 - m.best_top1
-    if metric == "top5_error":
-        return 100.0 - m.last_top5, 100.0 - m.best_top5
-    if metric == "top1_gain":
+    """(last-epoch, best-epoch) value of the row's metric from a measurement: a metric the
+    run's task reports, its error (100 - value) or its gain over the baseline row."""
+    metric, base = row.metric.removesuffix("_best_generation"), base_metric(row.metric)
+    if base not in m.last:
+        raise KDLabError(f"{row.id}: metric {row.metric!r} needs {base!r}, which its runs do not report "
+                         f"(they report {', '.join(m.last) or 'nothing'}); fix the row's metric in rows.yaml")
+    last, best = m.last[base], m.best.get(base, math.nan)
+    if metric.endswith("_error"):
+        return 100.0 - last, 100.0 - best
+    if metric.endswith("_gain"):
         if baseline is None:
             return math.nan, math.nan
-        return m.last_top1 - baseline.last_top1, m.best_top1 - baseline.best_top1
-    raise KDLabError(f"unknown metric {row.metric!r}")
+        return last - baseline.last.get(base, math.nan), best - baseline.best.get(base, math.nan)
+    return last, best
 
 
 @dataclass
@@ -282,9 +294,10 @@ class Outcome:
         return self.last - pub, self.best - pub
 
     def to_json(self) -> dict[str, Any]:
-        d_last, d_best = self.diffs()
+        # An undefined value (no measurement, an AP without detections) is null: JSON has no NaN.
+        last, best, d_last, d_best = (None if math.isnan(v) else v for v in (self.last, self.best, *self.diffs()))
         return {"id": self.row.id, "metric": self.row.metric, "published": self.row.published, "status": self.status,
-                "measured_last": self.last, "measured_best": self.best, "diff_last": d_last, "diff_best": d_best,
+                "measured_last": last, "measured_best": best, "diff_last": d_last, "diff_best": d_best,
                 "seeds": self.n, "run_dirs": self.run_dirs, "problem": self.problem, "config": self.row.config,
                 "baseline_row": self.is_dependency}
 
@@ -310,7 +323,12 @@ def reproduce(plans: Sequence[Plan]) -> list[Outcome]:
             out.append(Outcome(p.row, "no baseline", n=m.n, run_dirs=m.run_dirs, is_dependency=p.is_dependency,
                                problem=f"its baseline row {p.row.baseline} could not be measured"))
             continue
-        last, best = metric_values(p.row, m, base)
+        try:
+            last, best = metric_values(p.row, m, base)
+        except KDLabError as exc:  # the row asks for a metric its runs do not report
+            out.append(Outcome(p.row, "failed", n=m.n, run_dirs=m.run_dirs, problem=str(exc),
+                               is_dependency=p.is_dependency))
+            continue
         out.append(Outcome(p.row, "measured", last, best, m.n, m.run_dirs, is_dependency=p.is_dependency))
     return out
 

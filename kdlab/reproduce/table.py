@@ -19,7 +19,9 @@ from kdlab.registry import closest
 
 ROWS_FILE = Path(__file__).with_name("rows.yaml")
 
-#: Metric name -> (what it means, how a measured top-1/top-5 pair turns into it).
+#: Metric name -> what it means. A row's metric is one its run's task reports (`last`/`best` of
+#: result.json), optionally `<m>_error` (100 - m), `<m>_gain` (m - the baseline row's m) and
+#: `_best_generation` (the best generation of a chain); `kdlab.reproduce.runner.metric_values`.
 METRICS = {
     "top1": "top-1 accuracy (%)",
     "top1_gain": "top-1 gain in points over the baseline row (same seeds/recipe)",
@@ -29,6 +31,7 @@ METRICS = {
     "top1_error_best_generation": "top-1 error (%) of the best generation of a chain",
     "top5_error_best_generation": "top-5 error (%) of the best generation of a chain",
     "bbox_ap": "COCO box AP (%) at IoU .50:.95 (pycocotools COCOeval; task: detection)",
+    "segm_ap": "COCO mask AP (%) at IoU .50:.95 (pycocotools COCOeval; task: detection, Mask R-CNN)",
 }
 
 

@@ -4,7 +4,9 @@ This package is the bottom layer of kdlab's configs. It imports no registry: the
 model, dataset and engine packages build on it, and the names a config uses are resolved one
 layer up, in `kdlab.config` (which reads YAML, applies overrides and validates against the
 registries). Modules: `experiment` (the sections of an experiment), `detection` (the
-`detection:` section), `compare` (the one definition of "the same experiment").
+`detection:` section), `compare` (the one definition of "the same experiment"), `tasks` (the
+registry of task names: the one registry kept here, since the tasks' code sits in the engine,
+above every layer that validates configs).
 """
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 Two configs are the same experiment when they agree on everything but
 
-- where the run is written (`name`, `output_dir`), and
+- where the run is written (`name`, `output_dir`),
+- where its plugins' code is found (`imports`: a moved plugin file is the same method), and
 - the settings in `VOLATILE`, which change where the data lives, how fast it runs or how it
   is logged, not what is trained.
 
@@ -17,8 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-# The run's own place: never part of what is trained.
-PLACE = ("name", "output_dir")
+# The run's own place, and where its plugins' code lives: never part of what is trained.
+PLACE = ("name", "output_dir", "imports")
 
 VOLATILE: dict[str, set[str]] = {
     "data": {"root", "num_workers", "pin_memory", "persistent_workers", "eval_batch_size", "pipeline"},

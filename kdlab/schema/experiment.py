@@ -36,6 +36,7 @@ from pydantic import (
 )
 
 from kdlab.schema.detection import DetectionConfig
+from kdlab.schema.tasks import check_task
 
 
 @runtime_checkable
@@ -54,6 +55,12 @@ class NameResolver(Protocol):
 
     def check_dataset(self, name: str) -> None:
         """Raise unless a dataset called `name` is registered."""
+
+    def dataset_task(self, name: str) -> str:
+        """The task (`task:`) that the registered dataset `name` serves."""
+
+    def check_task(self, name: str) -> None:
+        """Raise unless a task called `name` is registered (`kdlab.schema.tasks.TASKS`)."""
 
 
 def _resolver(info: ValidationInfo) -> NameResolver | None:
@@ -315,13 +322,20 @@ class ExperimentConfig(StrictModel):
     name: str = Field(default="run", description="the run folder, <output_dir>/<name>: a folder name, or "
                       "'group/run' for a folder inside a sub-folder (no '..', no absolute path)")
     output_dir: str = "runs"
+    imports: list[str] = Field(
+        default_factory=list,
+        description="plugins imported before the config is validated (they register methods, models, datasets, "
+        "tasks): module names, or paths to .py files relative to the config file (kdlab.config.plugins); a run's "
+        "config.yaml records them resolved, so every command reading the run imports them again",
+    )
 
     @field_validator("name")
     @classmethod
     def _name_inside_output_dir(cls, value: str) -> str:
         return check_run_name(value)
-    task: Literal["classification", "detection"] = Field(
-        default="classification", description="classification | detection (docs/detection.md)"
+    task: str = Field(
+        default="classification", description="a registered task (kdlab.schema.tasks): classification | detection "
+        "(docs/detection.md) | a plugin's (kdlab.engine.tasks.register_task)"
     )
     model: ModelConfig
     teacher: TeacherConfig | None = None
@@ -335,6 +349,12 @@ class ExperimentConfig(StrictModel):
     detection: DetectionConfig | None = Field(
         default=None, description="task: detection only: data files, image sizes, labels (docs/detection.md)"
     )
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str, info: ValidationInfo) -> str:
+        names = _resolver(info)  # the resolver's message says how to register an outside task
+        return _checked_name(names.check_task if names is not None else check_task, value)
 
     @field_validator("method", mode="before")
     @classmethod
@@ -357,6 +377,17 @@ class ExperimentConfig(StrictModel):
         if not isinstance(name, str):  # str() of a huge value would end up in the message
             raise ValueError(f"method.name must be a method's name (e.g. kd), not a {type(name).__name__}")
         return names.method_config(name).model_validate(value, context=names)
+
+    @model_validator(mode="after")
+    def _dataset_serves_the_task(self, info: ValidationInfo) -> "ExperimentConfig":
+        # A task's own datasets (detection: coco, shapes) serve that task only; classification
+        # datasets are the general kind, which a task built on classification reads too.
+        names = _resolver(info)
+        served = names.dataset_task(self.data.name) if names is not None else self.task
+        if served not in (self.task, "classification"):
+            raise ValueError(f"data.name={self.data.name!r} is a {served} dataset, and this config trains task: "
+                             f"{self.task}; set task: {served}, or pick a {self.task} dataset")
+        return self
 
     @model_validator(mode="after")
     def _detection_section_needs_task(self) -> "ExperimentConfig":

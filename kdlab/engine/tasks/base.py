@@ -10,7 +10,11 @@ A task answers five questions for `Trainer`:
   so that an interrupted run resumes bit-exactly;
 - `to_batch(raw, device, channels_last)`: a raw batch as the `Batch` methods receive;
 - `evaluate(model, loader, ...)`: the validation metrics; `primary_metric` (higher is better)
-  picks `best.pt`, and `reported_metrics` go to `result.json` as last and best values.
+  picks `best.pt`, `reported_metrics` go to `result.json` as last and best values
+  (`kdlab.engine.result.RunResult`), and `headline_metrics` are the ones tables of runs show;
+- `check_data(cfg)`: whether the data can be built, asked before any training (`kdlab reproduce`).
+
+A task is found by its `task:` name (`kdlab.engine.tasks.register_task`).
 """
 from __future__ import annotations
 
@@ -38,9 +42,16 @@ class Task(ABC):
     name: ClassVar[str]
     primary_metric: ClassVar[str]
     reported_metrics: ClassVar[tuple[str, ...]]
+    #: The reported metrics a table of runs shows (`kdlab results`, the --seeds summary).
+    headline_metrics: ClassVar[tuple[str, ...]]
 
     @abstractmethod
     def build_data(self, cfg: ExperimentConfig) -> TaskData: ...
+
+    def check_data(self, cfg: ExperimentConfig) -> None:
+        """Raise `DataError`/`ConfigError` when the data of `cfg` cannot be built (planning a
+        run, e.g. `kdlab reproduce`, before any training); by default, build it."""
+        self.build_data(cfg)
 
     @abstractmethod
     def build_networks(self, cfg: ExperimentConfig, data: TaskData) -> tuple[nn.Module, nn.Module | None]: ...

@@ -21,6 +21,7 @@ class ClassificationTask(Task):
     name = "classification"
     primary_metric = "top1"
     reported_metrics = ("top1", "top5")
+    headline_metrics = ("top1", "top5")
 
     def __init__(self) -> None:
         self._gpu_key: tuple | None = None
@@ -28,6 +29,10 @@ class ClassificationTask(Task):
 
     def build_data(self, cfg: ExperimentConfig) -> TaskData:
         return build_datasets(cfg.data)
+
+    def check_data(self, cfg: ExperimentConfig) -> None:
+        # The whole sets, without noise: one check serves every subset and noise rate of a dataset.
+        build_datasets(cfg.data.model_copy(update={"train_subset": None, "label_noise": 0.0}), seed=cfg.train.seed)
 
     def build_networks(self, cfg: ExperimentConfig, data: TaskData) -> tuple[nn.Module, nn.Module | None]:
         student = build_network(cfg.model, data.num_classes)

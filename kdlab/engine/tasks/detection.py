@@ -5,7 +5,6 @@ gathered across DDP ranks.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -15,13 +14,12 @@ from torch.utils.data import DataLoader
 
 from kdlab.schema.detection import DetectionConfig
 from kdlab.schema.experiment import ExperimentConfig, ModelConfig
-from kdlab.data.coco import DETECTION_DATASETS, CocoSplit, collate_detection, detection_transforms
+from kdlab.data.coco import CocoSplit, DetectionFiles, collate_detection, detection_transforms
 from kdlab.data.coco_eval import coco_metrics, detections_to_coco
-from kdlab.data.datasets import DataBundle
+from kdlab.data.datasets import DATASETS, DataBundle, dataset_task
 from kdlab.data.grouped import GroupedBatchSampler
 from kdlab.data.loading import loader_options
 from kdlab.data.sampling import SeededDataset
-from kdlab.data.shapes import generate_shapes, shapes_key
 from kdlab.engine.checkpoint import Checkpoint, load_model_state
 from kdlab.engine.distributed import DistInfo, ShardSampler
 from kdlab.engine.evaluate import autocast_context
@@ -42,9 +40,10 @@ def detection_settings(cfg: ExperimentConfig) -> DetectionConfig:
 
 def _check_data_options(cfg: ExperimentConfig) -> None:
     data = cfg.data
-    if data.name not in DETECTION_DATASETS:
+    if dataset_task(data.name) != "detection":
+        names = [n for n in DATASETS.names() if dataset_task(n) == "detection"]
         raise ConfigError(f"task: detection reads COCO-format data: set data.name to one of "
-                          f"{', '.join(DETECTION_DATASETS)} (got {data.name!r})")
+                          f"{', '.join(names)} (got {data.name!r})")
     unsupported = {
         "data.label_noise": data.label_noise > 0, "data.pipeline": data.pipeline != "standard",
         "data.augment": data.augment != "standard", "data.transform": data.transform is not None,
@@ -56,22 +55,10 @@ def _check_data_options(cfg: ExperimentConfig) -> None:
                           "in the detection: section); remove them")
 
 
-def data_paths(cfg: ExperimentConfig) -> tuple[Path, Path, Path, Path]:
-    """(train images, train annotations, val images, val annotations); generates the shapes
-    set first when `data.name` is `shapes`."""
-    det = detection_settings(cfg)
-    if cfg.data.name == "shapes":
-        root = Path(cfg.data.root) if cfg.data.root else \
-            Path(cfg.output_dir) / "_data" / f"shapes-{shapes_key(det.shapes)}"
-        generate_shapes(root, det.shapes)
-        return (root / "train", root / "annotations" / "instances_train.json",
-                root / "val", root / "annotations" / "instances_val.json")
-    if not cfg.data.root:
-        raise DataError("data.root is not set for dataset 'coco'; set data.root to the COCO folder (holding "
-                        "train2017/, val2017/ and annotations/), or the detection: paths to absolute ones")
-    root = Path(cfg.data.root).expanduser()
-    return tuple(root / p for p in (det.train_images, det.train_annotations,  # type: ignore[return-value]
-                                    det.val_images, det.val_annotations))
+def data_paths(cfg: ExperimentConfig) -> DetectionFiles:
+    """Where the run's data is, from its dataset's builder (`kdlab.data.coco.DetectionFiles`;
+    the shapes set is generated first when it is not there yet)."""
+    return DATASETS.get(cfg.data.name)(cfg.data, detection_settings(cfg), cfg.output_dir)
 
 
 class DetectionLoader:
@@ -93,6 +80,7 @@ class DetectionTask(Task):
     primary_metric = "bbox_ap"
     reported_metrics = ("bbox_ap", "bbox_ap50", "bbox_ap75", "bbox_aps", "bbox_apm", "bbox_apl",
                         "segm_ap", "segm_ap50", "segm_ap75")
+    headline_metrics = ("bbox_ap", "bbox_ap50", "segm_ap")
 
     # ------------------------------------------------------------------ data
     def build_data(self, cfg: ExperimentConfig) -> TaskData:
