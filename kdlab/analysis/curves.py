@@ -16,6 +16,7 @@ from typing import Any, Sequence
 from matplotlib.lines import Line2D
 
 from kdlab.analysis.plotting import new_figure, save_figure
+from kdlab.engine.run_folder import METRICS_FILE
 from kdlab.errors import KDLabError
 
 
@@ -23,7 +24,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The epoch rows of `<run_dir>/metrics.jsonl` (or of that file itself), in epoch order."""
     path = Path(run_dir)
     if path.is_dir():
-        path = path / "metrics.jsonl"
+        path = path / METRICS_FILE
     if not path.is_file():
         raise KDLabError(f"{str(path)!r} does not exist; pass a run folder written by 'kdlab train' "
                          "(it holds metrics.jsonl)")
@@ -43,10 +44,10 @@ def expand_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
     stands for every run folder below it."""
     out: list[Path] = []
     for p in map(Path, paths):
-        if (p / "metrics.jsonl").is_file() or p.name == "metrics.jsonl":
+        if (p / METRICS_FILE).is_file() or p.name == METRICS_FILE:
             out.append(p if p.is_dir() else p.parent)
         elif p.is_dir():
-            found = sorted(m.parent for m in p.rglob("metrics.jsonl"))
+            found = sorted(m.parent for m in p.rglob(METRICS_FILE))
             if not found:
                 raise KDLabError(f"no run folders (with metrics.jsonl) under {str(p)!r}; pass run folders written by 'kdlab train'")
             out.extend(found)

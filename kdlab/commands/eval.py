@@ -25,9 +25,12 @@ def run_checkpoint(path: str) -> str:
     folder = Path(path)
     if not folder.is_dir():
         return path
-    for name in ("best.pt", "last.pt"):
-        if (folder / name).is_file():
-            return str(folder / name)
+    from kdlab.engine.run_folder import RunFolder  # lazy: keeps `kdlab --help` fast
+
+    for which in ("best", "last"):
+        candidate = RunFolder(folder).checkpoint(which)
+        if candidate.is_file():
+            return str(candidate)
     raise CheckpointError(f"{path!r} is a folder with no checkpoint in it (no best.pt, no last.pt); pass a "
                           "checkpoint file, or a run folder written by 'kdlab train' with train.save=best or last")
 

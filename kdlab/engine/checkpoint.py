@@ -349,21 +349,28 @@ def build_model_from_checkpoint(
     (the config's `model.kwargs`) replace the recorded ones when given.
     """
     ckpt = Checkpoint.load(path)
+    return rebuild_model(ckpt, str(path), expected_name, num_classes, kwargs), ckpt
+
+
+def rebuild_model(ckpt: Checkpoint, source: str, expected_name: str | None = None, num_classes: int | None = None,
+                  kwargs: dict | None = None) -> nn.Module:
+    """The model of an already loaded checkpoint, built by name and loaded strictly: the one way
+    every task turns a checkpoint back into a network (see `build_model_from_checkpoint`)."""
     record = ckpt.model
     if expected_name is not None and record.name != expected_name:
         raise CheckpointError(
-            f"checkpoint {str(path)!r} holds a {record.name!r} model but the config asks for "
+            f"checkpoint {source!r} holds a {record.name!r} model but the config asks for "
             f"{expected_name!r}; set the model name to {record.name!r} or use a {expected_name!r} checkpoint"
         )
     if num_classes is not None and record.num_classes != num_classes:
         raise CheckpointError(
-            f"checkpoint {str(path)!r} was trained for {record.num_classes} classes but the dataset has "
+            f"checkpoint {source!r} was trained for {record.num_classes} classes but the dataset has "
             f"{num_classes}; use a checkpoint trained on this dataset"
         )
     model = create_model(record.name, num_classes=record.num_classes,
                          **(kwargs if kwargs is not None else record.kwargs))
-    load_model_state(model, ckpt.model_state, str(path), record.name)
-    return model, ckpt
+    load_model_state(model, ckpt.model_state, source, record.name)
+    return model
 
 
 __all__ = [
@@ -375,4 +382,5 @@ __all__ = [
     "atomic_save",
     "build_model_from_checkpoint",
     "load_model_state",
+    "rebuild_model",
 ]

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 
 from kdlab.schema.compare import run_differences
 from kdlab.engine.result import RunResult
-from kdlab.engine.run_folder import RunFolder
+from kdlab.engine.run_folder import METRICS_FILE, RESULT_FILE, RunFolder
 from kdlab.errors import KDLabError
 from kdlab.text_table import print_table
 
@@ -104,12 +104,12 @@ def find_runs(folder: str | Path) -> list[RunRecord]:
     folder = Path(folder)
     if not folder.is_dir():
         raise KDLabError(f"{str(folder)!r} is not a folder; pass the folder holding the run folders (e.g. runs)")
-    return [read_run(p.parent) for p in sorted(folder.rglob("result.json")) if RunFolder(p.parent).is_finished()]
+    return [read_run(p.parent) for p in sorted(folder.rglob(RESULT_FILE)) if RunFolder(p.parent).is_finished()]
 
 
 def unfinished_runs(folder: str | Path) -> list[Path]:
     """Run folders under `folder` that have metrics.jsonl but no complete result.json (still running or stopped)."""
-    return sorted(p.parent for p in Path(folder).rglob("metrics.jsonl") if not RunFolder(p.parent).is_finished())
+    return sorted(p.parent for p in Path(folder).rglob(METRICS_FILE) if not RunFolder(p.parent).is_finished())
 
 
 @dataclass

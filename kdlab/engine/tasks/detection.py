@@ -20,7 +20,7 @@ from kdlab.data.datasets import DATASETS, DataBundle, dataset_task
 from kdlab.data.grouped import GroupedBatchSampler
 from kdlab.data.loading import loader_options
 from kdlab.data.sampling import SeededDataset
-from kdlab.engine.checkpoint import Checkpoint, load_model_state
+from kdlab.engine.checkpoint import Checkpoint, rebuild_model
 from kdlab.engine.distributed import DistInfo, ShardSampler
 from kdlab.engine.evaluate import autocast_context
 from kdlab.engine.tasks.base import Task, TaskData
@@ -130,9 +130,6 @@ class DetectionTask(Task):
             return build_detector(name, num_classes, **kwargs, **sizes)
         ckpt = Checkpoint.load(mcfg.checkpoint)
         record = ckpt.model
-        if record.name != name:
-            raise CheckpointError(f"{role}.checkpoint {mcfg.checkpoint!r} holds a {record.name!r} model but the config "
-                                  f"asks for {name!r}; set {role}.name to {record.name!r} or use another checkpoint")
         if record.num_classes != num_classes:
             raise CheckpointError(
                 f"{role}.checkpoint {mcfg.checkpoint!r} detects {record.num_classes} object classes but the dataset has "
@@ -141,9 +138,7 @@ class DetectionTask(Task):
             )
         # The checkpoint holds every weight: initial weight files are not read again.
         kwargs = checkpoint_options(name, {**record.kwargs, **mcfg.kwargs}, mcfg.weights)
-        model = build_detector(name, num_classes, **kwargs, **sizes)
-        load_model_state(model, ckpt.model_state, mcfg.checkpoint, name)
-        return model
+        return rebuild_model(ckpt, mcfg.checkpoint, name, num_classes, {**kwargs, **sizes})
 
     def build_networks(self, cfg: ExperimentConfig, data: TaskData) -> tuple[nn.Module, nn.Module | None]:
         det = detection_settings(cfg)
