@@ -3,8 +3,8 @@
 The schema cannot import those packages (they import the schema), so config validation asks
 this module instead: `REGISTRY_NAMES` is the `NameResolver` that `validate_config` passes to
 `ExperimentConfig.model_validate` as its context. It selects the method's own config class
-for the `method` section and refuses unknown model and dataset names with the registries'
-did-you-mean messages.
+for the `method` section and a task's settings section (`kdlab.schema.tasks.TASK_SETTINGS`), and
+refuses unknown model and dataset names with the registries' did-you-mean messages.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Iterator
 import kdlab.models  # noqa: F401  (importing the package registers the zoo and the tv:/timm:/py: prefixes)
 from kdlab.config.plugins import REGISTER_HINT
 from kdlab.schema.experiment import MethodConfig
-from kdlab.schema.tasks import check_task
+from kdlab.schema.tasks import TaskSettings, check_task, settings_sections, task_settings
 from kdlab.data import DATASETS
 from kdlab.data.datasets import dataset_task
 from kdlab.methods import method_class
@@ -56,6 +56,12 @@ class RegistryNames:
     def check_task(self, name: str) -> None:
         with plugin_hint("task", "; a task subclasses kdlab.engine.tasks.Task and registers with register_task"):
             check_task(name)
+
+    def task_settings(self, name: str) -> TaskSettings | None:
+        return task_settings(name)
+
+    def settings_sections(self) -> dict[str, str]:
+        return settings_sections()
 
 
 REGISTRY_NAMES = RegistryNames()

@@ -15,6 +15,12 @@ whether a model or dataset name exists, whether a method needs a teacher) is ask
 one that reads the registries, and `kdlab.config.validate_config` / `load_config` pass it.
 Without it, model and dataset names are not checked and the `method` section must already
 be a `MethodConfig` instance.
+
+A task owns its settings section (`kdlab.schema.tasks.TASK_SETTINGS`): which section belongs to
+which task, and the class that validates a plugin task's section, are asked of the resolver too.
+`detection:` is a declared field (its class is the one the registry names for it, so `cfg.detection`
+and did-you-mean suggestions keep working); a plugin task's section is kept in `task_sections`
+and written back under its own name. `ExperimentConfig.task_settings` is the configured task's.
 """
 from __future__ import annotations
 
@@ -30,13 +36,17 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     SerializeAsAny,
+    SerializerFunctionWrapHandler,
+    SerializationInfo,
+    ValidationError,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
 from kdlab.schema.detection import DetectionConfig
-from kdlab.schema.tasks import check_task
+from kdlab.schema.tasks import TaskSettings, check_task, settings_sections, task_settings
 
 
 @runtime_checkable
@@ -62,9 +72,42 @@ class NameResolver(Protocol):
     def check_task(self, name: str) -> None:
         """Raise unless a task called `name` is registered (`kdlab.schema.tasks.TASKS`)."""
 
+    def task_settings(self, name: str) -> TaskSettings | None:
+        """The settings section of task `name` and its class; None when it has none."""
+
+    def settings_sections(self) -> dict[str, str]:
+        """Every registered task settings section -> the task that owns it."""
+
 
 def _resolver(info: ValidationInfo) -> NameResolver | None:
     return info.context if isinstance(info.context, NameResolver) else None
+
+
+class _SchemaTasks:
+    """The task look-ups without a resolver: the schema's own task registry."""
+
+    task_settings = staticmethod(task_settings)
+    settings_sections = staticmethod(settings_sections)
+
+
+def _task_lookups(info: ValidationInfo) -> NameResolver | _SchemaTasks:
+    return _resolver(info) or _SchemaTasks()
+
+
+def _stray_section(section: str, owner: str, task: object) -> str:
+    return (f"a '{section}:' section is only read with task: {owner} (it holds that task's settings), and this "
+            f"config trains task: {task}; add 'task: {owner}' or remove the section")
+
+
+def _validated_section(spec: TaskSettings, raw: Any, context: Any) -> BaseModel:
+    # Errors inside a model validator lose their place; name each one's key under the section.
+    if isinstance(raw, spec.config):
+        return raw
+    try:
+        return spec.config.model_validate({} if raw is None else raw, context=context)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, (spec.section, *e['loc'])))}: {e['msg']}" for e in exc.errors())
+        raise ValueError(f"invalid '{spec.section}:' section: {problems}") from None
 
 
 def _checked_name(check, value: str) -> str:
@@ -349,6 +392,47 @@ class ExperimentConfig(StrictModel):
     detection: DetectionConfig | None = Field(
         default=None, description="task: detection only: data files, image sizes, labels (docs/detection.md)"
     )
+    task_sections: dict[str, SerializeAsAny[BaseModel]] = Field(
+        default_factory=dict, exclude=True,
+        description="a plugin task's settings by section name, filled from that section (not a config key; "
+        "written back under the section's own name)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_owns_its_section(cls, data: Any, info: ValidationInfo) -> Any:
+        # Which sections are task settings, and whose, is the registry's (kdlab.schema.tasks).
+        if not isinstance(data, dict):
+            return data
+        tasks = _task_lookups(info)
+        task = data.get("task", "classification")
+        for section, owner in tasks.settings_sections().items():
+            if data.get(section) is not None and owner != task:
+                raise ValueError(_stray_section(section, owner, task))
+        sections = data.get("task_sections") or {}
+        if not all(isinstance(v, BaseModel) for v in sections.values()):
+            raise ValueError("task_sections is not a config key: write a task's settings under its own section")
+        spec = tasks.task_settings(task) if isinstance(task, str) else None
+        if spec is None or spec.section in cls.model_fields or spec.section in sections:
+            return data  # a declared section (detection:) is validated by its field, whose class it is
+        data = dict(data)
+        data["task_sections"] = {spec.section: _validated_section(spec, data.pop(spec.section, None), info.context)}
+        return data
+
+    @model_serializer(mode="wrap")
+    def _sections_under_their_names(self, handler: SerializerFunctionWrapHandler,
+                                    info: SerializationInfo) -> dict[str, Any]:
+        data = handler(self)
+        for section, settings in self.task_sections.items():
+            data[section] = settings.model_dump(mode=info.mode, exclude_none=info.exclude_none,
+                                                exclude_defaults=info.exclude_defaults)
+        return data
+
+    @property
+    def task_settings(self) -> BaseModel | None:
+        """The configured task's settings section (None: the task has none, or `detection:` is left
+        out, which means its defaults; `kdlab.engine.tasks.task_for` hands the task them filled in)."""
+        return self.detection if self.detection is not None else next(iter(self.task_sections.values()), None)
 
     @field_validator("task")
     @classmethod
@@ -390,10 +474,13 @@ class ExperimentConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
-    def _detection_section_needs_task(self) -> "ExperimentConfig":
-        if self.detection is not None and self.task != "detection":
-            raise ValueError("a 'detection:' section is only read with task: detection; add 'task: detection' "
-                             "or remove the section")
+    def _sections_need_their_task(self, info: ValidationInfo) -> "ExperimentConfig":
+        # Also after assignment (validate_assignment): `cfg.task = ...` may orphan a section.
+        owners = _task_lookups(info).settings_sections()
+        present = {*self.task_sections, *(["detection"] if self.detection is not None else [])}
+        for section in present:
+            if owners.get(section, self.task) != self.task:
+                raise ValueError(_stray_section(section, owners[section], self.task))
         return self
 
     @model_validator(mode="after")

@@ -22,6 +22,7 @@ from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Iterable
 
 import torch
+from pydantic import BaseModel
 from torch import nn
 
 from kdlab.schema.experiment import ExperimentConfig
@@ -44,6 +45,9 @@ class Task(ABC):
     reported_metrics: ClassVar[tuple[str, ...]]
     #: The reported metrics a table of runs shows (`kdlab results`, the --seeds summary).
     headline_metrics: ClassVar[tuple[str, ...]]
+    #: The run's settings section of this task (`kdlab.schema.tasks.TASK_SETTINGS`), set by
+    #: `task_for`; None for a task without one.
+    settings: BaseModel | None = None
 
     @abstractmethod
     def build_data(self, cfg: ExperimentConfig) -> TaskData: ...
