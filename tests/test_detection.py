@@ -281,13 +281,18 @@ def test_coco_ap_matches_pycocotools_and_hand_computed_values(tmp_path):
         assert metrics[f"segm_{k}"] == pytest.approx(metrics[f"bbox_{k}"])
 
 
-def test_coco_ap_without_detections_is_zero(tmp_path):
+def test_coco_ap_without_detections_is_zero_where_there_are_objects_and_undefined_where_none(tmp_path):
     from pycocotools.coco import COCO
     import contextlib, io
 
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO(str(_eval_gt(tmp_path)))
-    assert coco_metrics(coco, [], ("bbox",)) == {f"bbox_{k}": 0.0 for k in ("ap", "ap50", "ap75", "aps", "apm", "apl")}
+    for iou_type in ("bbox", "segm"):
+        metrics = coco_metrics(coco, [], (iou_type,))
+        # small and medium objects exist and none is found: 0; there is no large object: undefined
+        assert {k: metrics[f"{iou_type}_{k}"] for k in ("ap", "ap50", "ap75", "aps", "apm")} == dict.fromkeys(
+            ("ap", "ap50", "ap75", "aps", "apm"), 0.0)
+        assert math.isnan(metrics[f"{iou_type}_apl"])
 
 
 # ------------------------------------------------------------------------------ detectors

@@ -67,7 +67,9 @@ def coco_metrics(coco_gt: Any, results: list[dict[str, Any]], iou_types: Sequenc
     """COCOeval's summary (as percentages) of `results` against the ground-truth index
     `coco_gt` (a pycocotools COCO), over `image_ids` (default: every image of `coco_gt`).
 
-    With no detections at all every AP is 0 (pycocotools cannot load an empty result list)."""
+    A metric COCOeval leaves undefined (no ground-truth object of that size) is NaN. With no
+    detections at all, COCOeval runs against an empty result set (pycocotools' `loadRes`
+    cannot take an empty list): AP is 0 where there are objects to find, NaN where there are none."""
     from pycocotools.cocoeval import COCOeval  # lazy: detection-only
 
     if image_ids is None:
@@ -76,9 +78,6 @@ def coco_metrics(coco_gt: Any, results: list[dict[str, Any]], iou_types: Sequenc
     for iou_type in iou_types:
         if iou_type not in IOU_TYPES:
             raise ValueError(f"iou type must be one of {IOU_TYPES}, got {iou_type!r}")
-        if not results:
-            metrics.update({f"{iou_type}_{s}": 0.0 for s in _STATS})
-            continue
         records = copy.deepcopy(results)  # loadRes adds 'area', 'id', ... to the records it gets
         if iou_type == "segm":
             # Without a box, loadRes takes each record's area from its mask, which is what the
@@ -86,7 +85,7 @@ def coco_metrics(coco_gt: Any, results: list[dict[str, Any]], iou_types: Sequenc
             for r in records:
                 r.pop("bbox", None)
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints every step
-            coco_dt = coco_gt.loadRes(records)
+            coco_dt = coco_gt.loadRes(records) if records else _no_detections(coco_gt)
             ev = COCOeval(coco_gt, coco_dt, iou_type)
             ev.params.imgIds = list(image_ids)
             ev.evaluate()
@@ -95,6 +94,17 @@ def coco_metrics(coco_gt: Any, results: list[dict[str, Any]], iou_types: Sequenc
         for name, value in zip(_STATS, ev.stats[:6]):
             metrics[f"{iou_type}_{name}"] = float(value) * 100.0 if value >= 0 else math.nan
     return metrics
+
+
+def _no_detections(coco_gt: Any) -> Any:
+    """An empty detection set over `coco_gt`'s images, which `loadRes` refuses to build."""
+    from pycocotools.coco import COCO  # lazy: detection-only
+
+    empty = COCO()
+    empty.dataset = {"images": list(coco_gt.dataset["images"]), "categories": list(coco_gt.dataset["categories"]),
+                     "annotations": []}
+    empty.createIndex()
+    return empty
 
 
 __all__ = ["IOU_TYPES", "coco_metrics", "detections_to_coco", "metric_names"]
