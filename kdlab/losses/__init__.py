@@ -2,10 +2,10 @@
 
 Each function's docstring names the paper and equation it implements.
 """
-from kdlab.losses.kd import cross_entropy, kd_loss, reduce_loss
+from kdlab.losses.kd import cross_entropy, kd_loss, reduce_loss, teacher_target_confidence
 from kdlab.losses.dkd import DKDTerms, dkd_loss, dkd_terms, nckd_loss, tckd_loss
 
-__all__ = ["cross_entropy", "kd_loss", "reduce_loss"]
+__all__ = ["cross_entropy", "kd_loss", "reduce_loss", "teacher_target_confidence"]
 __all__ += ["DKDTerms", "dkd_loss", "dkd_terms", "nckd_loss", "tckd_loss"]
 
 from kdlab.losses.tolerant import (  # noqa: E402

@@ -55,6 +55,11 @@ def cross_entropy(logits: Tensor, target: Tensor, label_smoothing: float = 0.0) 
     return F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
 
 
-__all__ = ["kd_loss", "cross_entropy", "loss_dtype", "reduce_loss"]
+def teacher_target_confidence(teacher_logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean softmax probability (T = 1) the teacher gives the true class (a diagnostic)."""
+    p = teacher_logits.float().softmax(1)
+    return p.gather(1, targets[:, None]).mean().detach()
+
+__all__ = ["kd_loss", "cross_entropy", "loss_dtype", "reduce_loss", "teacher_target_confidence"]
 
 

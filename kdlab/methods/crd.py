@@ -53,7 +53,7 @@ from kdlab.losses import (
 )
 from kdlab.methods import register_method
 from kdlab.methods.base import Batch, Distiller, SetupContext, StepOutput
-from kdlab.methods.kd import teacher_target_confidence
+from kdlab.losses.kd import teacher_target_confidence
 from kdlab.models import feature_info
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from kdlab.schema.experiment import MethodConfig, Temperature
 from kdlab.losses import cross_entropy, dkd_terms
 from kdlab.methods import register_method
 from kdlab.methods.base import Batch, Distiller, StepOutput, warmup_factor
-from kdlab.methods.kd import teacher_target_confidence
+from kdlab.losses.kd import teacher_target_confidence
 
 Terms = Literal["dkd", "tckd", "nckd", "kd_decomposed"]
 

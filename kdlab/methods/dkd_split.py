@@ -52,7 +52,7 @@ from kdlab.errors import TrainingError
 from kdlab.losses import cross_entropy, dkd_terms
 from kdlab.methods import register_method
 from kdlab.methods.base import Batch, Distiller, SetupContext, StepOutput, warmup_factor
-from kdlab.methods.kd import teacher_target_confidence
+from kdlab.losses.kd import teacher_target_confidence
 
 log = logging.getLogger("kdlab")
 

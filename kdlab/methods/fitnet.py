@@ -26,7 +26,7 @@ from kdlab.losses import cross_entropy, hint_loss
 from kdlab.methods import register_method
 from kdlab.methods.base import Batch, Distiller, StepOutput
 from kdlab.methods.connectors import ConvRegressor
-from kdlab.methods.kd import teacher_target_confidence
+from kdlab.losses.kd import teacher_target_confidence
 from kdlab.methods.stages import stage_shape
 
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import Field, NonNegativeFloat
-from torch import Tensor
 
 from kdlab.schema.experiment import MethodConfig, Temperature
-from kdlab.losses import cross_entropy, kd_loss
+from kdlab.losses import cross_entropy, kd_loss, teacher_target_confidence
 from kdlab.methods import register_method
 from kdlab.methods.base import Batch, Distiller, StepOutput
 
@@ -18,12 +17,6 @@ class KDConfig(MethodConfig):
     temperature: Temperature = 4.0
     ce_weight: NonNegativeFloat = 0.1
     kd_weight: NonNegativeFloat = Field(default=0.9, ge=0.0)
-
-
-def teacher_target_confidence(teacher_logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean softmax probability (T = 1) the teacher gives the true class (a diagnostic)."""
-    p = teacher_logits.float().softmax(1)
-    return p.gather(1, targets[:, None]).mean().detach()
 
 
 @register_method("kd")

@@ -39,7 +39,7 @@ from kdlab.losses import cross_entropy
 from kdlab.losses.ofd import ofd_loss, ofd_margin
 from kdlab.methods import register_method
 from kdlab.methods.base import Batch, Distiller, StepOutput
-from kdlab.methods.kd import teacher_target_confidence
+from kdlab.losses.kd import teacher_target_confidence
 from kdlab.methods.stages import model_name, paired_stages, probe_pair
 from kdlab.models.preact_bn import bn_before_relu
 

@@ -16,7 +16,7 @@ from torch import Tensor
 from kdlab.schema.experiment import Temperature
 from kdlab.losses import dkd_terms
 from kdlab.methods import register_method
-from kdlab.methods.kd import teacher_target_confidence
+from kdlab.losses.kd import teacher_target_confidence
 from kdlab.methods.reviewkd import ReviewKD, ReviewKDConfig
 
 

@@ -20,7 +20,7 @@ from kdlab.losses import cross_entropy
 from kdlab.losses.rkd import PDIST_EPS, rkd_terms
 from kdlab.methods import register_method
 from kdlab.methods.base import Batch, Distiller, StepOutput
-from kdlab.methods.kd import teacher_target_confidence
+from kdlab.losses.kd import teacher_target_confidence
 from kdlab.methods.stages import probe_pair
 
 

@@ -31,7 +31,7 @@ from kdlab.losses.tolerant import (
 )
 from kdlab.methods import register_method
 from kdlab.methods.base import Batch, Distiller, StepOutput
-from kdlab.methods.kd import teacher_target_confidence
+from kdlab.losses.kd import teacher_target_confidence
 
 PatriarchKind = Literal["strict", "tsd", "label_smoothing", "confidence_penalty"]
 

@@ -29,7 +29,7 @@ from kdlab.losses import cross_entropy
 from kdlab.losses.vid import VID_EPS, VID_INIT_VARIANCE, initial_log_scale, match_spatial, vid_nll, vid_variance
 from kdlab.methods import register_method
 from kdlab.methods.base import Batch, Distiller, StepOutput
-from kdlab.methods.kd import teacher_target_confidence
+from kdlab.losses.kd import teacher_target_confidence
 from kdlab.methods.stages import model_name, probe_pair
 
 
