@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kdlab import cli as kdlab_cli
 from kdlab.cli import main
 from kdlab.config import load_config
 from kdlab.engine.checkpoint import Checkpoint, atomic_save
@@ -285,14 +286,21 @@ class Payload:
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's, for the protocol-4 pickles
-def test_permission_refused_pickle_and_corrupt_file_are_told_apart(tmp_path, capsys):
+def test_permission_refused_pickle_and_corrupt_file_are_told_apart(tmp_path, capsys, monkeypatch):
     shared = Path(tempfile.mkdtemp(prefix="kdlab-perm-"))
     try:
         shared.chmod(0o755)
         good = shared / "good.pt"
         atomic_save({"format": "kdlab-checkpoint", "x": torch.zeros(3)}, good)
         good.chmod(0o000)
-        import kdlab.engine.tasks  # noqa: F401  (eval's lazy imports: another user may not read the venv)
+        # The other user may not read the checkout or the venv (a clone in a 0700 folder): list
+        # the commands and load every module `kdlab eval` imports while still root, so that the
+        # only file the other user is refused is the checkpoint.
+        commands = list(kdlab_cli._commands())
+        monkeypatch.setattr(kdlab_cli, "_commands", lambda: iter(commands))
+        (shared / "empty.pt").write_bytes(b"")
+        assert main(["eval", str(shared / "empty.pt")]) == 2
+        capsys.readouterr()
         with as_another_user():
             with pytest.raises(CheckpointError) as info:
                 Checkpoint.load(good)
