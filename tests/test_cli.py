@@ -120,6 +120,61 @@ def test_demo_refuses_a_folder_it_did_not_write(tmp_path, capsys):
     assert not (tmp_path / MARKER).exists() and not (tmp_path / "digits_teacher_resnet20").exists()
 
 
+def test_demo_plan_teacher_first_students_after_it_chains_in_sequence(tmp_path):
+    """The demo is one plan: the distilled students wait for the teacher, each generation for the
+    one before; the student alone and the two patriarchs wait for nothing (with --jobs they start
+    beside the teacher)."""
+    from kdlab.commands.demo import demo_plan
+    from kdlab.generations.runner import finish_chain
+
+    steps = demo_steps(str(tmp_path), scale=0.03, device="cpu", progress=False)
+    plan, chains = demo_plan(steps, overwrite=False, log_dir=tmp_path / "logs")
+    for chain in chains:
+        finish_chain(chain, report=False)
+    plan.check()
+    after = {Path(j.run_dir).relative_to(tmp_path).as_posix(): [Path(a).relative_to(tmp_path).as_posix()
+                                                                for a in j.after] for j in plan.jobs}
+    teacher = "digits_teacher_resnet20"
+    assert list(after)[0] == teacher and after[teacher] == [] and after["digits_student_resnet8"] == []
+    for student in ("digits_kd_resnet20_resnet8", "digits_dkd_resnet20_resnet8", "digits_reviewkd_resnet20_resnet8"):
+        assert after[student] == [teacher]
+    for chain in ("digits_chain_tolerant_resnet8", "digits_chain_strict_resnet8"):
+        assert [after[f"{chain}/gen{m}"] for m in range(3)] == [[], [f"{chain}/gen0"], [f"{chain}/gen1"]]
+    assert len(plan.jobs) == 11 and plan.log_dir == tmp_path / "logs"
+
+
+def test_demo_with_a_failed_teacher_shows_it_and_finishes_the_rest(tmp_path, capsys, monkeypatch):
+    """The teacher fails: the three distilled students are skipped and shown so in the table, the
+    student alone and the chains train, the figure is drawn, the demo exits 1."""
+    from kdlab.engine import launch
+    from kdlab.errors import KDLabError
+
+    real_train_run = launch.train_run
+
+    def failing_teacher(cfg, **kw):
+        if cfg.name == "digits_teacher_resnet20":
+            raise KDLabError("the teacher broke")
+        return real_train_run(cfg, **kw)
+
+    monkeypatch.setattr(launch, "train_run", failing_teacher)
+    out_dir, figure = tmp_path / "demo", tmp_path / "demo.png"
+    argv = ["-q", "demo", "--output-dir", str(out_dir), "--figure", str(figure), "--scale", "0.03", "--device", "cpu"]
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    table = _table(out)
+    assert table["teacher (resnet20, all digits)"][:2] == ["vanilla", "failed"]
+    for label, method in (("KD", "kd"), ("DKD", "dkd"), ("ReviewKD", "reviewkd")):
+        assert table[label][:2] == [method, "skipped"]
+    alone = float(table["student alone (resnet8, 200 digits)"][1])
+    assert alone == pytest.approx(json.loads((out_dir / "digits_student_resnet8/result.json").read_text())["last"]["top1"],
+                                  abs=0.005)
+    assert (out_dir / "digits_chain_strict_resnet8/gen2/result.json").is_file()
+    assert float(table["strict D(1.0, 0.6): generation 2"][3]) == pytest.approx(
+        float(table["strict D(1.0, 0.6): generation 2"][1]) - alone, abs=0.011)  # gains: against the alone
+    assert "the teacher broke" in out  # the executor's table says why
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_overrides_after_an_option_are_still_overrides(tmp_path, monkeypatch):
     seen = {}
 

@@ -158,3 +158,16 @@ def test_detection_demo_prints_an_ap_table_and_draws_the_boxes(tmp_path, capsys)
     assert run(argparse.Namespace(output_dir=str(tmp_path / "demo"), figure=str(tmp_path / "again.png"),
                                   scale=0.01, device="cpu")) == 0
     assert (tmp_path / "again.png").is_file()
+
+
+def test_detection_demo_plan_students_wait_for_the_teacher(tmp_path):
+    from kdlab.commands._demo_detection import TEACHER_NAME, demo_configs, detection_plan
+    from kdlab.config import load_config
+
+    cfgs = [load_config(data=raw) for raw in demo_configs(str(tmp_path), scale=0.01, device="cpu", progress=False)]
+    plan = detection_plan(cfgs, overwrite=False, log_dir=tmp_path / "logs")
+    plan.check()
+    after = {Path(j.run_dir).name: [Path(a).name for a in j.after] for j in plan.jobs}
+    assert list(after) == [c.name for c in cfgs] and list(after)[0] == TEACHER_NAME
+    assert after == {TEACHER_NAME: [], "shapes_demo_student_alone": [], "shapes_demo_dkd": [TEACHER_NAME],
+                     "shapes_demo_reviewkd_dkd": [TEACHER_NAME]}

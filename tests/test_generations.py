@@ -9,12 +9,13 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from kdlab.cli import main
 from kdlab.engine.callbacks import Callback
 from kdlab.errors import CheckpointError, ConfigError
-from kdlab.generations import runner as runner_module
+from kdlab.engine import launch
 from kdlab.generations.config import format_notation, load_chain, parse_notation
 from kdlab.generations.runner import run_chain
 from kdlab.methods.tolerant import TolerantConfig
@@ -224,12 +225,12 @@ def test_interrupted_chain_resumes_where_it_stopped(tmp_path, make_config, monke
     data["experiment"]["train"]["epochs"] = 2
     chain = load_chain(data=data)
     root = tmp_path / "runs/chain"
-    real_train_run = runner_module.train_run
-    monkeypatch.setattr(runner_module, "train_run",
+    real_train_run = launch.train_run  # what every plan job trains with (kdlab.plan.run_job)
+    monkeypatch.setattr(launch, "train_run",
                         lambda cfg, **kw: real_train_run(cfg, callbacks=[_StopAfterEpoch("gen1", 1)], **kw))
     with pytest.raises(KeyboardInterrupt):
         run_chain(chain)
-    monkeypatch.setattr(runner_module, "train_run", real_train_run)
+    monkeypatch.setattr(launch, "train_run", real_train_run)
     assert (root / "gen0/result.json").is_file() and not (root / "gen1/result.json").exists()
     gen0_mtime = (root / "gen0/last.pt").stat().st_mtime_ns
     first_epoch = (root / "gen1/metrics.jsonl").read_text().splitlines()[0]
@@ -287,3 +288,94 @@ def test_cli_dry_run_report_and_errors(tmp_path, make_config, capsys):
     with pytest.raises(SystemExit) as info:
         main(["generations", str(path), "--resume", "--overwrite"])
     assert info.value.code == 2 and "not allowed with argument --resume" in capsys.readouterr().err
+
+
+
+# ----------------------------------------------------------------------------- as a plan
+def _weights(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)["model_state"]
+
+
+def test_chain_is_a_plan_of_generations_each_waiting_for_the_one_before(tmp_path, make_config):
+    from kdlab.generations.runner import finish_chain, prepare_chain
+
+    chain = load_chain(data=chain_data(tmp_path, make_config))
+    jobs = prepare_chain(chain, after=["teacher"])
+    try:
+        assert [j.run_dir for j in jobs] == [str(chain.run_dir(m)) for m in range(3)]
+        assert [j.after for j in jobs] == [("teacher",), (jobs[0].name,), (jobs[1].name,)]
+        assert [j.label for j in jobs] == ["chain gen0", "chain gen1", "chain gen2"]
+        assert all(j.resume and not j.overwrite for j in jobs)
+        assert [j.experiment() for j in jobs] == chain.configs  # the configs travel as data, unchanged
+        assert (tmp_path / "runs/chain/chain.yaml").is_file()
+    finally:
+        assert finish_chain(chain) is None  # nothing finished: no report
+
+
+def test_jobs_2_trains_the_same_weights_as_in_process(tmp_path, make_config, monkeypatch, capsys):
+    """Each generation in a worker process (`--jobs 2`, one thread like this process) ends with
+    the weights the in-process run gives, tensor for tensor."""
+    from kdlab.plan import executor
+
+    data = chain_data(tmp_path, make_config, generations=1)
+    run_chain(load_chain(data=data))
+    here = tmp_path / "runs/chain"
+    data["experiment"]["output_dir"] = str(tmp_path / "workers")
+    path = tmp_path / "chain.yaml"
+    path.write_text(yaml.safe_dump(data))
+    monkeypatch.setattr(executor, "threads_per_job", lambda jobs, cores=None: 1)
+    assert main(["generations", str(path), "--jobs", "2"]) == 0
+    assert {r[0]: r[1] for r in _job_rows(capsys.readouterr().out)} == {"chain gen0": "done", "chain gen1": "done"}
+    there = tmp_path / "workers/chain"
+    assert (tmp_path / "workers/logs/chain_gen1.log").is_file()  # it ran in a worker
+    for m in (0, 1):
+        a, b = _weights(here / f"gen{m}/last.pt"), _weights(there / f"gen{m}/last.pt")
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"gen{m} {key}"
+    assert json.loads((there / "generations.json").read_text())["finished"] == 2
+
+
+def test_failed_generation_skips_the_later_ones_and_a_rerun_continues(tmp_path, make_config, capsys):
+    """Generation 1 cannot read its teacher: it fails, generation 2 is skipped, the command exits
+    1; once the checkpoint is back, --resume trains 1 and 2 and keeps generation 0."""
+    data = chain_data(tmp_path, make_config)
+    path = tmp_path / "chain.yaml"
+    path.write_text(yaml.safe_dump(data))
+    run_chain(load_chain(data=data), stop_after=0)
+    root = tmp_path / "runs/chain"
+    teacher = root / "gen0/last.pt"
+    good = teacher.read_bytes()
+    gen0 = [(root / "gen0" / f).stat().st_mtime_ns for f in ("result.json", "metrics.jsonl")]
+    teacher.write_bytes(b"not a checkpoint")
+
+    assert main(["generations", str(path), "--resume"]) == 1
+    captured = capsys.readouterr()
+    status = {r[0]: r[1] for r in _job_rows(captured.out)}
+    assert status == {"chain gen0": "reused", "chain gen1": "failed", "chain gen2": "skipped"}
+    assert "--resume" in captured.err
+    assert not (root / "gen1/result.json").exists() and not (root / "generations.json").exists()
+
+    teacher.write_bytes(good)
+    assert main(["generations", str(path), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert {r[0]: r[1] for r in _job_rows(out)} == {"chain gen0": "reused", "chain gen1": "done",
+                                                    "chain gen2": "done"}
+    assert [(root / "gen0" / f).stat().st_mtime_ns for f in ("result.json", "metrics.jsonl")] == gen0
+    assert json.loads((root / "generations.json").read_text())["finished"] == 3
+
+
+def _job_rows(out: str) -> list[list[str]]:
+    """The rows of the executor's table of jobs (run, status, min, note): its runs are the chain's."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in out.splitlines()
+            if line.startswith("| chain gen")]
+    return [r for r in rows if len(r) == 4]
+
+
+def test_jobs_under_torchrun_is_refused(tmp_path, make_config, monkeypatch, capsys):
+    path = tmp_path / "chain.yaml"
+    path.write_text(yaml.safe_dump(chain_data(tmp_path, make_config)))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["generations", str(path), "--jobs", "2"]) == 2
+    assert "--jobs 2 starts runs of its own, but under torchrun" in capsys.readouterr().err
+    assert not (tmp_path / "runs/chain").exists()

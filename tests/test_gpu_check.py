@@ -80,6 +80,24 @@ def test_epoch_time_is_the_median_after_the_first_epoch(tmp_path):
     assert gc.epoch_stats(tmp_path)["seconds_per_epoch"] == 9.0  # one epoch: that one
 
 
+def test_students_sharing_a_device_are_rated_over_the_span_of_their_last_epochs():
+    gc = _load_script()
+    # Two runs of 600 images whose last epochs (3 s and 4 s) overlap: 1200 images in the 5 s from
+    # the first start (10) to the last end (15); each run alone 600 / 3 and 600 / 4 images/s.
+    rates = gc.shared_device_rates([(10.0, 13.0, 3.0), (11.0, 15.0, 4.0)], 600)
+    assert rates == {"images_per_second_all": 240, "images_per_second_per_run": 175}
+    # Runs that did not overlap count as run one after another.
+    assert gc.shared_device_rates([(0.0, 2.0, 2.0), (2.0, 4.0, 2.0)], 100)["images_per_second_all"] == 50
+
+
+def test_a_runs_last_epoch_ends_when_its_metrics_were_last_written(tmp_path):
+    gc = _load_script()
+    rows = [{"epoch": 1, "time_s": 9.0}, {"epoch": 2, "time_s": 2.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.utime(tmp_path / "metrics.jsonl", (1000.0, 1000.0))
+    assert gc.training_span(tmp_path) == (997.5, 1000.0, 2.5)
+
+
 def test_step_time_flags_are_read_from_its_source():
     flags = _load_script().supported_flags(ROOT / "benchmarks" / "step_time.py")
     assert {"--device", "--amp", "--channels-last", "--steps"} <= flags
@@ -93,7 +111,7 @@ def test_tiny_cpu_run_covers_every_section_and_writes_both_summaries(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     summary = json.loads((out / "gpu_check.json").read_text())
     sec = summary["sections"]
-    assert list(sec) == ["tests", "ddp", "step_time", "cifar10"]
+    assert list(sec) == ["tests", "ddp", "step_time", "cifar10", "per_device"]
     tests = sec["tests"]
     assert tests["status"] == "ok" and tests["collected"] >= 8 and tests["failed"] == tests["errors"] == 0
     assert tests["skipped"] + tests["passed"] == tests["collected"]
@@ -106,7 +124,16 @@ def test_tiny_cpu_run_covers_every_section_and_writes_both_summaries(tmp_path):
         assert run["status"] == "ok" and run["images_per_second"] > 0
         assert run["recipe_minutes"] == pytest.approx(240 * run["seconds_per_epoch"] / 60, abs=0.05)
         assert 0 <= run["last_top1"] <= 100
+    shared = sec["per_device"]
+    assert shared["status"] == "ok" and shared["images_per_run"] == 20 and list(shared["runs"]) == ["k1", "k2"]
+    for k, run in ((1, shared["runs"]["k1"]), (2, shared["runs"]["k2"])):
+        assert run["status"] == "ok" and f"--seeds {k} --jobs {k} --jobs-per-device {k}" in run["run"]["cmd"]
+        assert run["images_per_second_all"] > 0 and run["images_per_second_per_run"] > 0
+        assert run["threads_per_run"] == max(1, shared["cores"] // k)
+        assert len(list((out / "runs" / "per_device" / f"k{k}").glob(f"k{k}_seed*/result.json"))) == k
+    assert shared["runs"]["k1"]["vs_k1"] == 1.0
     md = (out / "gpu_check.md").read_text()
-    for heading in ("## Test suite, CUDA cases", "## 2-rank NCCL DDP", "## Step time", "## CIFAR-10"):
+    for heading in ("## Test suite, CUDA cases", "## 2-rank NCCL DDP", "## Step time", "## CIFAR-10",
+                    "## Several students per GPU"):
         assert heading in md
-    assert "| GPU-resident | cache | ok |" in md and "every section passed" in md
+    assert "| GPU-resident | cache | ok |" in md and "| 2 | ok |" in md and "every section passed" in md

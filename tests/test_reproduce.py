@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from kdlab.errors import KDLabError
-from kdlab.reproduce.runner import Measured, metric_values, plan_rows, reproduce, split_overrides
+from kdlab.reproduce.runner import Measured, build_plan, metric_values, plan_rows, reproduce, split_overrides
 from kdlab.reproduce.table import METRICS, Row, load_rows, select_rows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,3 +150,132 @@ def test_reproduce_trains_teacher_then_rows(make_config, tmp_path):
     assert again[1].teacher_action == "reuse" and again[1].status == "done (reused)"
     changed = plan_rows([rows[1]], ["method.temperature=2"], root=tmp_path, all_rows=rows, resume=True)
     assert "already holds a run of another config" in changed[1].problem
+
+
+# ------------------------------------------------------------------ one plan for all the rows
+def _serve(monkeypatch, tmp_path, configs: dict[str, dict], rows: list[Row]) -> list[str]:
+    """Write `configs` (file stem -> raw config) to tmp_path/configs and serve `rows` to
+    `kdlab reproduce` in place of the papers' table; return the command's start."""
+    from kdlab.reproduce import table
+
+    (tmp_path / "configs").mkdir()
+    for stem, raw in configs.items():
+        (tmp_path / "configs" / f"{stem}.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.setattr(table, "load_rows", lambda: rows)
+    return ["reproduce", "demo/*", "--root", str(tmp_path), "--json", str(tmp_path / "out.json")]
+
+
+def _statuses(tmp_path) -> dict[str, dict]:
+    return {o["id"]: o for o in json.loads((tmp_path / "out.json").read_text())}
+
+
+def _files(folder: Path) -> dict[str, int]:
+    """Every file a run wrote, with its modification time (the executor's logs aside)."""
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")
+            if p.is_file() and "logs" not in p.relative_to(folder).parts}
+
+
+def _kd(make_config, name: str, **method) -> dict:
+    return make_config(name=name, data={"train_subset": 64}, method={"name": "kd", **method},
+                       teacher={"name": "resnet8", "checkpoint": "placeholder.pt"})
+
+
+def test_rows_sharing_a_teacher_train_it_once_in_parallel_and_resume_trains_nothing(
+        make_config, tmp_path, monkeypatch, capsys):
+    from kdlab.cli import main
+
+    rows = [Row(f"demo/{n}", "p", "t", "digits", "kd", f"configs/{n}.yaml", 50.0, teacher_config="configs/teacher.yaml")
+            for n in ("kd", "kd_t2")]
+    command = _serve(monkeypatch, tmp_path, {"teacher": make_config(name="t", data={"train_subset": 64}),
+                                             "kd": _kd(make_config, "kd"),
+                                             "kd_t2": _kd(make_config, "kd_t2", temperature=2.0)}, rows)
+    runs = tmp_path / "runs"
+    plan = build_plan(plan_rows(rows, [], root=tmp_path, all_rows=rows))
+    assert [j.name for j in plan.jobs] == [str(runs / n) for n in ("t", "kd", "kd_t2")]  # one teacher job
+    assert [j.after for j in plan.jobs] == [(), (str(runs / "t"),), (str(runs / "t"),)]
+    assert plan.log_dir == runs / "logs"
+
+    assert main([*command, "--jobs", "2"]) == 0
+    assert "reproduce: 3 done" in capsys.readouterr().out  # the executor's table: the teacher trained once
+    assert {k: o["status"] for k, o in _statuses(tmp_path).items()} == {"demo/kd": "measured", "demo/kd_t2": "measured"}
+    for n in ("kd", "kd_t2"):
+        teacher = yaml.safe_load((runs / n / "config.yaml").read_text())["teacher"]
+        assert teacher["checkpoint"] == str(runs / "t/best.pt")
+    assert sorted(p.name for p in (runs / "logs").iterdir()) == ["kd.log", "kd_t2.log", "t.log"]
+    first = _files(runs)
+    assert main([*command, "--jobs", "2", "--resume"]) == 0
+    assert "reproduce: 2 reused" in capsys.readouterr().out  # the finished teacher is no job at all
+    assert _files(runs) == first  # nothing trained again, nothing rewritten
+    assert {o["status"] for o in _statuses(tmp_path).values()} == {"measured"}
+
+
+def test_a_failing_run_fails_its_rows_only(make_config, tmp_path, monkeypatch, capsys):
+    """The teacher of demo/kd cannot load its own teacher (a file that is no checkpoint): it
+    fails, demo/kd (waiting for it) is skipped and 'failed', demo/alone is measured."""
+    from kdlab.cli import main
+
+    (tmp_path / "garbage.pt").write_text("not a checkpoint")
+    broken_teacher = _kd(make_config, "bt")
+    broken_teacher["teacher"]["checkpoint"] = str(tmp_path / "garbage.pt")
+    rows = [Row("demo/alone", "p", "t", "digits", "vanilla", "configs/alone.yaml", 50.0),
+            Row("demo/kd", "p", "t", "digits", "kd", "configs/kd.yaml", 50.0, teacher_config="configs/bt.yaml")]
+    command = _serve(monkeypatch, tmp_path, {"alone": make_config(name="alone", data={"train_subset": 64}),
+                                             "bt": broken_teacher, "kd": _kd(make_config, "kd")}, rows)
+    assert main(command) == 1
+    out, err = capsys.readouterr()
+    outcomes = _statuses(tmp_path)
+    assert outcomes["demo/alone"]["status"] == "measured" and outcomes["demo/alone"]["measured_last"] is not None
+    assert outcomes["demo/kd"]["status"] == "failed" and outcomes["demo/kd"]["problem"].startswith("bt failed: ")
+    assert "demo/kd: failed: bt failed: " in err
+    assert all(f"1 {s}" in out for s in ("failed", "skipped", "done"))  # the executor's table
+    runs = tmp_path / "runs"
+    assert (runs / "alone/result.json").is_file() and not (runs / "kd").exists()
+
+
+def test_a_chain_row_runs_its_generations_as_jobs(make_config, tmp_path, monkeypatch, capsys):
+    """A *_best_generation row: its chain's generations are jobs of the plan (gen1 after gen0),
+    its root is claimed before and released after, and the best generation is measured."""
+    from kdlab.cli import main
+    from kdlab.generations import runner as chains
+    from kdlab.plan import Job
+
+    # Until kdlab.generations.runner has prepare_chain/finish_chain, stand-ins with their signatures.
+    def stand_in_prepare(chain, *, resume=False, overwrite=False, after=()):
+        jobs, prev = [], tuple(after)
+        for m, cfg in enumerate(chain.configs):
+            jobs.append(Job.train(cfg, run_dir=chain.run_dir(m), after=prev))
+            prev = (jobs[-1].name,)
+        return jobs
+
+    prepare = getattr(chains, "prepare_chain", stand_in_prepare)
+    finish = getattr(chains, "finish_chain", lambda chain, *, report=True: None)
+    calls: list[str] = []
+    monkeypatch.setattr(chains, "prepare_chain", lambda c, **kw: calls.append("prepare") or prepare(c, **kw),
+                        raising=False)
+    monkeypatch.setattr(chains, "finish_chain", lambda c, **kw: calls.append("finish") or finish(c, **kw),
+                        raising=False)
+    chain = {"experiment": make_config(name="chain", data={"train_subset": 64}),
+             "chain": {"notation": "D(0.6, 0.6)", "generations": 1, "seed_offset": 0}}
+    rows = [Row("demo/chain", "p", "t", "digits", "tolerant", "configs/chain.yaml", 50.0,
+                metric="top1_best_generation")]
+    command = _serve(monkeypatch, tmp_path, {"chain": chain}, rows)
+    assert main(command) == 0
+    assert calls == ["prepare", "finish"]
+    assert "reproduce: 2 done" in capsys.readouterr().out
+    root = tmp_path / "runs/chain"
+    tops = [json.loads((root / f"gen{m}/result.json").read_text())["last"]["top1"] for m in (0, 1)]
+    outcome = _statuses(tmp_path)["demo/chain"]
+    assert outcome["status"] == "measured" and outcome["measured_last"] == pytest.approx(max(tops))
+
+
+def test_rows_training_one_folder_with_different_configs_are_refused(make_config, tmp_path):
+    """Two rows whose configs train into one run folder: the same config is one shared job, a
+    different one makes the later row 'cannot run' before anything trains."""
+    (tmp_path / "configs").mkdir()
+    for stem, lr in (("a", 0.05), ("same_as_a", 0.05), ("b", 0.1)):
+        (tmp_path / "configs" / f"{stem}.yaml").write_text(yaml.safe_dump(make_config(name="one", optim={"lr": lr})))
+    rows = [Row(f"demo/{s}", "p", "t", "digits", "vanilla", f"configs/{s}.yaml", 50.0) for s in ("a", "same_as_a", "b")]
+    plans = plan_rows(rows, [], root=tmp_path, all_rows=rows)
+    assert [p.problem for p in plans[:2]] == [None, None]
+    assert "is also the run folder of row demo/a, with another config" in plans[2].problem
+    assert [j.name for j in build_plan(plans).jobs] == [str(tmp_path / "runs/one")]

@@ -73,3 +73,25 @@ def earlier_demo(output_dir: Path, run_names: list[str]) -> bool:
             "pass another --output-dir, or move that folder away"
         )
     return False
+
+
+def add_exec_args(p: argparse.ArgumentParser) -> None:
+    """--jobs, --jobs-per-device, --launcher: how a command's plan of runs is executed
+    (kdlab.plan.executor; every command that trains several runs takes them)."""
+    g = p.add_argument_group("running several runs (kdlab.plan; docs/sweeps.md)")
+    g.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="runs at once on this machine, each in its own process with its share of the CPU cores "
+                        "and, on GPUs, its own device (default 1: one after another in this process)")
+    g.add_argument("--jobs-per-device", type=int, default=1, metavar="K",
+                   help="runs sharing one GPU, for small students that do not fill one (default 1)")
+    g.add_argument("--launcher", choices=["local", "slurm"], default="local",
+                   help="slurm: submit one Slurm job per run through submitit (pip install 'kdlab[slurm]'), "
+                        "students after their teachers; resources from the file's launcher: block (docs/cluster.md)")
+
+
+def exec_options(args: argparse.Namespace, settings: dict | None = None):
+    """The `kdlab.plan.ExecOptions` of the --jobs/--jobs-per-device/--launcher arguments."""
+    from kdlab.plan.executor import ExecOptions  # lazy: keeps `kdlab --help` fast
+
+    return ExecOptions(jobs=args.jobs, jobs_per_device=args.jobs_per_device, launcher=args.launcher,
+                       launcher_settings=dict(settings or {}))

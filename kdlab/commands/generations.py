@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
-from kdlab.commands._common import add_config_args, add_run_folder_args
+from kdlab.commands._common import add_config_args, add_exec_args, add_run_folder_args, exec_options
 from kdlab.text_table import print_table
 
 HELP = "train a chain of generations from a (tolerant) patriarch, with a per-generation report"
@@ -21,9 +22,13 @@ generations.md / generations.json: top-1/top-5 (last and best epoch) per generat
 teacher's and the generation's own mean target probability, secondary-information metrics,
 and the accuracy of ensembles of the first g generations.
 
-A chain folder that already holds generations is refused untouched. After an interruption,
-run it again with --resume: finished generations are kept and the interrupted one continues
-from its last.pt. --overwrite deletes the earlier chain first. Overrides: experiment keys may
+A chain folder that already holds generations is refused untouched. After an interruption or
+a failed generation (the later ones are then skipped; the table of generations says why, and
+the command exits 1), run it again with --resume: finished generations are kept and the
+interrupted one continues from its last.pt. --overwrite deletes the earlier chain first.
+Generation m needs generation m-1, so one chain trains one generation at a time; --jobs 1
+(the default) trains it in this process, --jobs N in a worker process of its own (with its
+log in <output_dir>/logs/), --launcher slurm as Slurm jobs. Overrides: experiment keys may
 drop the 'experiment.' prefix (train.epochs=2, name=...); chain keys need 'chain.'
 (chain.generations=2, chain.patriarch.k=3).
 """
@@ -32,7 +37,8 @@ examples:
   kdlab generations configs/cifar100/generations/resnet56_d06_06.yaml data.root=/data/cifar100
   kdlab generations configs/cifar10/generations/resnet8_d06_06.yaml chain.generations=2
   kdlab generations CONFIG --dry-run      # validate and show the plan, train nothing
-  kdlab generations CONFIG --resume       # continue an interrupted chain
+  kdlab generations CONFIG --resume       # continue an interrupted (or failed) chain
+  kdlab generations CONFIG --jobs 2       # each generation in a process of its own, logged to <output_dir>/logs/
   kdlab generations CONFIG --report       # (re)write the report from finished generations
 """
 
@@ -47,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="only evaluate the finished generations and write the report")
     add_run_folder_args(p, "continue the chain in its folder: finished generations are kept, an "
                            "interrupted one continues from its last.pt")
+    add_exec_args(p)
     p.set_defaults(func=run)
 
 
@@ -75,8 +82,9 @@ def print_report(report: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # lazy: keeps `kdlab --help` fast (torch, pydantic and the rest load only when the command runs)
+    from kdlab.engine.run_folder import is_main_process
     from kdlab.generations.config import load_chain
-    from kdlab.generations.runner import chain_refusal, run_chain
+    from kdlab.generations.runner import chain_refusal, check_exec_options, train_chain
 
     chain = load_chain(args.config, args.overrides)
     if args.dry_run:
@@ -90,8 +98,21 @@ def run(args: argparse.Namespace) -> int:
         from kdlab.generations.report import write_report  # lazy: as above
 
         report = write_report(chain)
-    else:
-        report = run_chain(chain, resume=args.resume, overwrite=args.overwrite)
+        if report is not None:
+            print_report(report)
+        return 0
+    options = exec_options(args)  # bad flags fail before the chain is claimed
+    check_exec_options(options)
+    main = is_main_process()  # under torchrun only rank 0 prints
+    done, report = train_chain(chain, resume=args.resume, overwrite=args.overwrite, options=options, table=main)
     if report is not None:
+        print()
         print_report(report)
-    return 0
+    elif main:
+        again = shlex.join(["kdlab", "generations", args.config, *args.overrides])
+        if done.failed:
+            print(f"\nonce the cause is fixed, continue the chain (finished generations are kept): {again} --resume",
+                  file=sys.stderr)
+        else:  # submitted to Slurm: the generations train later
+            print(f"\nonce the generations finish, write the report: {again} --report", file=sys.stderr)
+    return done.exit_code()

@@ -5,8 +5,9 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 
-from kdlab.commands._common import add_run_folder_args
+from kdlab.commands._common import add_exec_args, add_run_folder_args, exec_options
 from kdlab.errors import ConfigError
 from kdlab.text_table import print_table
 
@@ -27,6 +28,12 @@ run folder already holds a run is refused untouched: pass --resume to reuse fini
 continue interrupted ones, or --overwrite to delete and retrain them. A top1_gain row (DKD
 Table 1) also runs its baseline row (the student alone).
 
+All the rows' runs are one plan (kdlab.plan): a teacher shared by several rows trains once,
+each row's runs wait for their teacher only. --jobs N trains N runs at once (logs in
+<output_dir>/logs/), --launcher slurm submits one Slurm job per run with the resources of
+--launcher-config FILE.yaml. A run that fails fails its own rows (and the rows waiting for
+its teacher); the others go on. Run the same command with --resume to continue.
+
 Overrides: method.*, teacher.* and name apply to the row's own config; every other key
 (data.root, train.epochs, output_dir, train.device, ...) to its teacher's config too. With
 --seeds N each row trains N seeds; its teacher is trained once.
@@ -37,6 +44,11 @@ examples:
   kdlab reproduce 'dkd/cifar100/*' data.root=/data/cifar100 --dry-run
   kdlab reproduce dkd/cifar100/resnet32x4_resnet8x4 data.root=/data/cifar100 --seeds 3
   kdlab reproduce 'dkd/cifar100/*' data.root=/data/cifar100 --resume   # after an interruption
+  kdlab reproduce 'kd/cifar100/*' data.root=/data/cifar100 --jobs 4     # 4 runs at once (GPUs: one each)
+  kdlab reproduce 'dkd/cifar100/*' data.root=/data/cifar100 --launcher slurm --launcher-config slurm.yaml
+
+exit status: 0 when every row was measured (or, with --launcher slurm, submitted), 1 otherwise
+(a row that cannot run, a run that failed, a row without its measurement).
 """
 
 
@@ -53,7 +65,40 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(default: the current folder if it has configs/, else the kdlab checkout)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the outcomes as JSON")
     add_run_folder_args(p, "reuse the rows' finished runs and continue interrupted ones in their folders")
+    group = add_exec_args(p) or p  # beside --launcher when add_exec_args returns its group
+    group.add_argument("--launcher-config", default=None, metavar="FILE.yaml",
+                       help="--launcher slurm: a YAML mapping of the Slurm resources (partition, gpus_per_job, "
+                            "cpus_per_job, mem_gb, time_min, account, qos, constraint, sbatch, folder, wait; "
+                            "kdlab.plan.slurm), or a file with such a launcher: block")
     p.set_defaults(func=run)
+
+
+def launcher_settings(args: argparse.Namespace) -> dict:
+    """The Slurm resources of --launcher-config (a mapping, or a file's `launcher:` block);
+    `kdlab.plan.slurm` checks the keys."""
+    path = args.launcher_config
+    if path is None:
+        return {}
+    if args.launcher != "slurm":
+        raise ConfigError(f"--launcher-config {path} sets Slurm resources, but the runs are local; add "
+                          "--launcher slurm (or drop --launcher-config)")
+    import yaml  # lazy: keeps `kdlab --help` fast
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"--launcher-config {path}: cannot read it ({exc.strerror}); pass an existing "
+                          "YAML file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--launcher-config {path} is not valid YAML ({exc}); fix the file") from None
+    if isinstance(data, dict) and set(data) == {"launcher"}:
+        data = data["launcher"]
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--launcher-config {path} must be a YAML mapping of Slurm resources "
+                          f"(e.g. partition: gpu, gpus_per_job: 1, time_min: 600), not a {type(data).__name__}")
+    return data
 
 
 def _num(x) -> str:
@@ -93,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
+    options = exec_options(args, launcher_settings(args))  # bad flags fail before anything is planned
     plans = plan_rows(select_rows(patterns, rows), overrides, root=args.root, seeds=args.seeds, all_rows=rows,
                       resume=args.resume, overwrite=args.overwrite)
     problems = [p for p in plans if p.problem]
@@ -104,19 +150,20 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(f"\ndry run: {len(plans) - len(problems)} row(s) ready, {len(problems)} cannot run", file=sys.stderr)
         return 1 if problems else 0
-    outcomes = reproduce(plans)
+    outcomes = reproduce(plans, options)
     print()
     print_table(["row", "metric", "published", "last", "diff", "best", "diff", "seeds", "status"], [
         [o.row.id + (" (baseline)" if o.is_dependency else ""), o.row.metric, _num(o.row.published), _num(o.last),
          _signed(o.diffs()[0]), _num(o.best), _signed(o.diffs()[1]), o.n or "-", o.status] for o in outcomes
     ])
+    printed = {p.row.id for p in problems}  # their reasons were printed before training
     for o in outcomes:
-        if o.problem and o.status != "cannot run":  # those were printed before training
+        if o.problem and o.row.id not in printed:
             print(f"{o.row.id}: {o.status}: {o.problem}", file=sys.stderr)
-    if problems:
-        print(f"{len(problems)} row(s) could not run; the reasons are printed above the plan's end",
-              file=sys.stderr)
+    cannot = sum(o.status == "cannot run" for o in outcomes)
+    if cannot:
+        print(f"{cannot} row(s) could not run; the reasons are printed above", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([o.to_json() for o in outcomes], f, indent=2)
-    return 0 if all(o.status == "measured" for o in outcomes) else 1
+    return 0 if all(o.status in ("measured", "submitted") for o in outcomes) else 1

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from pathlib import Path
 
-from kdlab.commands._common import add_config_args, add_run_folder_args, resumed_run_imports
+from kdlab.commands._common import add_config_args, add_exec_args, add_run_folder_args, exec_options, resumed_run_imports
 
 HELP = "train a model (a teacher from scratch, or a student with any method)"
 DESCRIPTION = """\
@@ -40,7 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         resume_checkpoint=True)
     p.add_argument("--seeds", type=int, default=None, metavar="N",
                    help="train N runs with seeds train.seed, +1, ... as <name>_seed<seed>; print mean ± std "
-                        "of the last and best values of the task's metrics (see 'kdlab results')")
+                        "of the last and best values of the task's metrics (see 'kdlab results'); with --jobs, "
+                        "several seeds at once")
+    add_exec_args(p)
     p.set_defaults(func=run)
 
 
@@ -66,7 +69,19 @@ def run(args: argparse.Namespace) -> int:
         if problems:
             more = f" ({len(problems) - 1} more seed folders hold runs too)" if len(problems) > 1 else ""
             raise RunFolderTaken(problems[0] + more)
-        return run_seeds_cli(cfg, args.seeds, args.resume, args.overwrite)
+        return run_seeds_cli(cfg, args.seeds, args.resume, args.overwrite, exec_options(args))
+    if args.jobs != 1:
+        from kdlab.errors import ConfigError  # lazy: as above
+
+        raise ConfigError(f"--jobs {args.jobs} runs several runs at once: use it with --seeds N (or kdlab sweep, "
+                          "reproduce, generations); a single run uses every core already")
+    if args.launcher != "local":  # one run, submitted to the cluster
+        from kdlab.plan import Job, Plan  # lazy: as above
+        from kdlab.plan.executor import run_plan_cli
+
+        job = Job.train(cfg, resume=bool(args.resume), overwrite=args.overwrite, retry=retry)
+        return run_plan_cli(Plan(cfg.name, [job], log_dir=Path(cfg.output_dir) / "logs"),
+                            exec_options(args)).exit_code()
     from kdlab.engine.launch import train_run_cli  # lazy: as above
 
     result, trainer = train_run_cli(cfg, resume=args.resume, overwrite=args.overwrite, retry=retry)

@@ -58,3 +58,70 @@ def keep_freed_host_memory() -> bool:
                 mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
                 _host_memory_kept = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
     return _host_memory_kept
+
+
+#: Set by the user (or by the plan executor for its workers): the thread count is then kept as given.
+THREAD_ENV = ("KDLAB_THREADS", "OMP_NUM_THREADS")
+
+
+def runnable_elsewhere(samples: int = 5, interval: float = 0.02) -> int | None:
+    """Threads of other processes ready to run on this machine now (the median of a few
+    readings of /proc/loadavg's running count, less this process's own running threads);
+    None where the kernel does not say (not Linux)."""
+    import statistics
+    import time
+
+    counts = []
+    for i in range(samples):
+        try:
+            with open("/proc/loadavg") as f:
+                running = int(f.read().split()[3].split("/")[0])
+            counts.append(running - _own_running_threads())
+        except (OSError, ValueError, IndexError):
+            return None
+        if i + 1 < samples:
+            time.sleep(interval)
+    return max(0, int(statistics.median(counts)))
+
+
+def _own_running_threads() -> int:
+    """This process's threads in state R (at least the one reading)."""
+    n = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/stat") as f:
+                n += f.read().rsplit(")", 1)[1].split()[0] == "R"
+        except (OSError, IndexError):
+            continue
+    return max(1, n)
+
+
+def share_busy_cores(logger) -> int:
+    """Fewer intra-op threads when other processes keep some of the cores busy; returns the
+    thread count in effect.
+
+    Why: OpenMP threads that share cores with other busy processes do not merely get their
+    share of the time; each parallel region waits for its slowest thread, which the scheduler
+    has parked behind the other process. Measured (docs/speed.md, "A busy machine"): a 2-thread
+    KD step took 0.71 s alone and 2.96 s beside one single-thread busy process, while one thread
+    beside it took 1.48 s. So the run drops to the cores the others leave free (at least one),
+    once, at its start. Only ever fewer threads than torch would use; a thread count set in
+    KDLAB_THREADS or OMP_NUM_THREADS is kept (and only warned about)."""
+    threads = torch.get_num_threads()
+    others = runnable_elsewhere()
+    cores = os.cpu_count() or threads
+    if not others or threads == 1 or threads + others <= cores:
+        return threads
+    free = max(1, cores - others)
+    if any(os.environ.get(v) for v in THREAD_ENV):
+        logger.warning("%d thread(s) of other processes are running on this machine's %d cores and this run was "
+                       "told to use %d threads: OpenMP threads sharing busy cores run several times slower than "
+                       "their share (docs/speed.md, 'A busy machine'); consider OMP_NUM_THREADS=%d",
+                       others, cores, threads, free)
+        return threads
+    torch.set_num_threads(free)
+    logger.warning("%d thread(s) of other processes are running on this machine's %d cores: this run uses %d "
+                   "thread(s) instead of %d (OpenMP threads sharing busy cores run several times slower than their "
+                   "share; docs/speed.md, 'A busy machine'). Results depend on the thread count; set "
+                   "OMP_NUM_THREADS to fix it.", others, cores, free, threads)
+    return free

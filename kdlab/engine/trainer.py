@@ -40,7 +40,7 @@ from kdlab.data.sampling import sample_seed
 from kdlab.engine.build import make_distiller
 from kdlab.engine.callbacks import Callback, TrainMetrics, default_callbacks
 from kdlab.engine.checkpoint import Checkpoint, ModelRecord, load_model_state
-from kdlab.engine.device import resolve_device
+from kdlab.engine.device import resolve_device, share_busy_cores
 from kdlab.engine.distributed import (
     DistInfo, all_reduce_sum, barrier, broadcast_buffers, convert_sync_bn, init_distributed, per_rank_batch, wrap_ddp,
 )
@@ -120,6 +120,8 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else Path(cfg.output_dir) / cfg.name
         self.folder = RunFolder(self.run_dir)
         self.is_main = self.dist.is_main
+        if self.device.type == "cpu" and not self.dist.enabled:
+            share_busy_cores(log)
         self.task: Task = task_for(cfg)
         self.state = TrainState()
 

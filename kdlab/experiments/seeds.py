@@ -8,13 +8,15 @@ across seeds (PAPERS.md: ResNet32x4 -> ResNet8x4 DKD spans 75.8-76.2), hence mea
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from kdlab.config.loader import config_to_dict, validate_config
 from kdlab.schema.experiment import ExperimentConfig
-from kdlab.engine.launch import claimed
+from kdlab.engine.result import RunResult
 from kdlab.engine.run_folder import RunFolder
-from kdlab.engine.trainer import Trainer
+from kdlab.plan import ExecOptions, Job, Plan, execute
+from kdlab.plan.executor import run_plan_cli
 from kdlab.errors import ConfigError
 from kdlab.experiments.results import format_text, group_runs, read_run, seed_run_name
 
@@ -35,20 +37,22 @@ def seed_configs(cfg: ExperimentConfig, n: int) -> list[ExperimentConfig]:
     return out
 
 
-def run_seeds(cfg: ExperimentConfig, n: int, resume: bool | str = False, overwrite: bool = False) -> list[Any]:
-    """Train the `n` seed variants of `cfg` one after another; return their `RunResult`s.
+def seeds_plan(cfg: ExperimentConfig, n: int, resume: bool | str = False, overwrite: bool = False) -> Plan:
+    """The plan of the `n` seed runs of `cfg`: independent jobs, logs in `<output_dir>/logs/`."""
+    jobs = [Job.train(c, resume=bool(resume), overwrite=overwrite, retry=f"kdlab train CONFIG --seeds {n}")
+            for c in seed_configs(cfg, n)]
+    return Plan(f"{cfg.name} x {n} seeds", jobs, log_dir=Path(cfg.output_dir) / "logs")
 
-    Every seed's folder is claimed before the first seed trains (`kdlab.engine.launch.claimed`):
-    a folder that holds a run is refused unless `resume` (finished seeds are kept, an
-    interrupted one continues) or `overwrite` (every seed is trained again)."""
-    configs = seed_configs(cfg, n)
-    folders = [RunFolder.of(c) for c in configs]
-    results = []
-    with claimed(folders, resume=bool(resume), overwrite=overwrite, cfgs=configs):
-        for i, (seed_cfg, folder) in enumerate(zip(configs, folders)):
-            log.info("== seed %d (%d of %d): %s", seed_cfg.train.seed, i + 1, n, seed_cfg.name)
-            results.append(Trainer(seed_cfg, resume=bool(resume), folder=folder).fit())
-    return results
+
+def run_seeds(cfg: ExperimentConfig, n: int, resume: bool | str = False, overwrite: bool = False,
+              options: ExecOptions | None = None) -> list[Any]:
+    """Train the `n` seed variants of `cfg` (one after another, or `options.jobs` at once); return
+    the `RunResult`s of the seeds that finished. Each seed's folder is claimed when it starts
+    (the command checks them all before the first one trains: `kdlab.commands.train`): with
+    `resume`, finished seeds are kept and an interrupted one continues; `overwrite` trains every
+    seed again. A seed that fails does not stop the others (`kdlab.plan`)."""
+    report = execute(seeds_plan(cfg, n, resume, overwrite), options)
+    return [RunResult.from_json(RunFolder(j.run_dir).read_result()) for j in report.plan.jobs if report.ok(j.name)]
 
 
 def seeds_summary(run_dirs: list[str]) -> str:
@@ -56,17 +60,21 @@ def seeds_summary(run_dirs: list[str]) -> str:
     return format_text(group_runs([read_run(d) for d in run_dirs]))
 
 
-def run_seeds_cli(cfg: ExperimentConfig, n: int, resume: bool | str = False, overwrite: bool = False) -> int:
-    """`kdlab train CONFIG --seeds N`: train, print one line per seed and the summary table."""
+def run_seeds_cli(cfg: ExperimentConfig, n: int, resume: bool | str = False, overwrite: bool = False,
+                  options: ExecOptions | None = None) -> int:
+    """`kdlab train CONFIG --seeds N`: train, print one line per seed and the summary table of
+    the seeds that finished; the table of jobs and exit status 1 when a seed failed."""
     if isinstance(resume, str):
         raise ConfigError("--resume CHECKPOINT names one run's checkpoint and cannot be combined with --seeds; "
                           "use --resume alone (each seed continues its own <name>_seed<k>/last.pt)")
-    results = run_seeds(cfg, n, resume, overwrite)
-    for r in results:
-        print(f"{r.run_dir}: {r.summary()}")
-    print()
-    print(seeds_summary([r.run_dir for r in results]), end="")
-    return 0
+    report = run_plan_cli(seeds_plan(cfg, n, resume, overwrite), options or ExecOptions())
+    dirs = [j.run_dir for j in report.plan.jobs if report.ok(j.name)]
+    for d in dirs:
+        print(f"{d}: {RunResult.from_json(RunFolder(d).read_result()).summary()}")
+    if dirs:
+        print()
+        print(seeds_summary(dirs), end="")
+    return report.exit_code()
 
 
-__all__ = ["run_seeds", "run_seeds_cli", "seed_configs", "seeds_summary"]
+__all__ = ["run_seeds", "run_seeds_cli", "seed_configs", "seeds_plan", "seeds_summary"]

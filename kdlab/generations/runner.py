@@ -1,26 +1,37 @@
 """Running a chain of generations: every generation in order, nothing lost, nothing mixed.
 
+A chain is a plan (`kdlab.plan`) of one train job per generation, generation m waiting for
+generation m - 1: `prepare_chain` claims the chain and returns its jobs, `kdlab.plan.execute`
+runs them (in this process, or each in a worker process with `--jobs`, or on Slurm) and
+`finish_chain` lets the chain go and writes its report. A generation that fails skips the later
+ones; the same command with `resume` continues where it stopped.
+
 - A chain root that already holds generations is refused unless `resume` (finished
   generations are kept, an interrupted one continues from its `last.pt`) or `overwrite` (the old
   chain's files are deleted first): the run-folder rule of every kdlab command
   (`kdlab.engine.run_folder`).
 - With `resume`, a generation folder trained with another config is refused (never silently
   reused), and so is a generation whose teacher was retrained after it learnt from it.
-- The report (`kdlab.generations.report`) is written after the last generation.
+- The report (`kdlab.generations.report`) is written once every generation is finished.
+- Under torchrun every rank runs the plan in its own process, one generation after another (the
+  ranks train each generation together); only rank 0 writes the chain's files.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any
+import os
+from pathlib import Path
+from typing import Any, Iterable
 
 import yaml
 
 from kdlab.schema.experiment import check_run_name
 from kdlab.engine.run_folder import RunFolder, RunFolderTaken, is_main_process, taken_message
-from kdlab.engine.launch import train_run
-from kdlab.errors import CheckpointError, ConfigError
+from kdlab.errors import CheckpointError, ConfigError, KDLabError
 from kdlab.generations.config import Chain
 from kdlab.generations.report import write_report
+from kdlab.plan import ExecOptions, Job, Plan, PlanReport, execute
+from kdlab.plan.executor import run_plan_cli
 
 log = logging.getLogger("kdlab")
 
@@ -105,47 +116,101 @@ def check_generation(chain: Chain, m: int) -> bool:
     return done
 
 
-def run_chain(chain: Chain, *, resume: bool = False, overwrite: bool = False, report: bool = True,
-              stop_after: int | None = None) -> dict[str, Any] | None:
-    """Train every unfinished generation in order, then write and return the report.
-
-    `resume` / `overwrite`: what to do with a chain root that already holds generations (see
-    `claim_chain`; checked before anything is written). `stop_after=m` stops once generation m
-    is finished (tests use it to simulate interruptions).
-    """
-    main = is_main_process()  # under torchrun every rank runs the chain; rank 0 writes its files
+def prepare_chain(chain: Chain, *, resume: bool = False, overwrite: bool = False,
+                  after: Iterable[str] = ()) -> list[Job]:
+    """Claim the chain (`claim_chain`: refused, or locked, and with `overwrite` cleared), write
+    its chain.yaml, check its finished generations (`check_generation`) and return one train job
+    per generation: generation m waits for generation m - 1, generation 0 for the jobs `after`.
+    The jobs continue what their folders hold (resume, never overwrite: the chain is claimed
+    here). The caller hands the chain back with `finish_chain` whatever happens."""
+    main = is_main_process()  # under torchrun every rank plans the chain; rank 0 writes its files
     claim_chain(chain, resume=resume, overwrite=overwrite, is_main=main)
     try:
-        return _train_chain(chain, main, report=report, stop_after=stop_after)
-    except BaseException:
-        RunFolder(chain.root).release(abandon=True)  # a chain that never started leaves no folder behind
-        raise
-    finally:
-        RunFolder(chain.root).release()
-
-
-def _train_chain(chain: Chain, main: bool, *, report: bool, stop_after: int | None) -> dict[str, Any] | None:
-    if main:
-        chain.root.mkdir(parents=True, exist_ok=True)
-        (chain.root / "chain.yaml").write_text(yaml.safe_dump(chain.raw, sort_keys=False))
-    for m, cfg in enumerate(chain.configs):
-        if check_generation(chain, m):
-            log.info("generation %d: finished earlier (%s), kept", m, chain.folder(m).result_path)
-        else:
-            if m > 0 and not chain.checkpoint(m - 1).is_file():
+        if main:
+            chain.root.mkdir(parents=True, exist_ok=True)
+            (chain.root / "chain.yaml").write_text(yaml.safe_dump(chain.raw, sort_keys=False))
+        finished = [check_generation(chain, m) for m in range(len(chain.configs))]
+        for m in range(1, len(chain.configs)):
+            if finished[m - 1] and not finished[m] and not chain.checkpoint(m - 1).is_file():
                 raise CheckpointError(
                     f"generation {m - 1} is finished but {chain.checkpoint(m - 1)} is missing; retrain it with "
                     f"{RETRY} --overwrite, or set chain.checkpoint to the one that exists"
                 )
-            what = cfg.method.name if m == 0 else f"generation (lam {chain.settings.lam_of(m):g})"
-            log.info("generation %d/%d: %s -> %s", m, chain.settings.generations, what, chain.run_dir(m))
-            # resume=True: the chain is claimed above; an interrupted generation continues.
-            train_run(cfg, resume=True, run_dir=chain.run_dir(m))
-        if stop_after is not None and m >= stop_after:
-            return None
-    if not report or not main:
+        jobs: list[Job] = []
+        waits = tuple(after)
+        for m, cfg in enumerate(chain.configs):
+            jobs.append(Job.train(cfg, run_dir=chain.run_dir(m), after=waits, resume=True, overwrite=False,
+                                  label=f"{chain.name} gen{m}", what="generation", retry=RETRY))
+            waits = (jobs[-1].name,)
+        return jobs
+    except BaseException:
+        RunFolder(chain.root).release(abandon=True)  # a chain that never started leaves no folder behind
+        raise
+
+
+def finish_chain(chain: Chain, *, report: bool = True) -> dict[str, Any] | None:
+    """Hand the chain root back (`prepare_chain` claimed it); then, when every generation is
+    finished and `report`, write the report and return it (None otherwise, and on ranks > 0)."""
+    RunFolder(chain.root).release()
+    if not report or not is_main_process() or len(chain.finished_generations()) < len(chain.configs):
         return None
     return write_report(chain)
 
 
-__all__ = ["chain_refusal", "check_generation", "claim_chain", "generation_folders", "run_chain"]
+def chain_plan(chain: Chain, jobs: list[Job]) -> Plan:
+    """The plan of a chain's jobs; a generation run in a worker process logs to
+    `<output_dir>/logs/<chain name>_gen<m>.log`."""
+    return Plan(f"{chain.name} {chain.settings.label}", list(jobs), log_dir=Path(chain.root).parent / "logs")
+
+
+def check_exec_options(options: ExecOptions) -> None:
+    """Under torchrun the ranks train each generation together, in their own processes: a chain
+    cannot also start runs of its own (`--jobs` > 1, `--launcher slurm`)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (options.jobs > 1 or options.launcher != "local"):
+        flag = f"--jobs {options.jobs}" if options.jobs > 1 else f"--launcher {options.launcher}"
+        raise ConfigError(f"{flag} starts runs of its own, but under torchrun every process trains each generation "
+                          f"together with the others; drop {flag} (or run kdlab generations without torchrun)")
+
+
+def train_chain(chain: Chain, *, resume: bool = False, overwrite: bool = False, report: bool = True,
+                options: ExecOptions | None = None, stop_after: int | None = None,
+                table: bool = False) -> tuple[PlanReport, dict[str, Any] | None]:
+    """Claim the chain, run its unfinished generations as a plan, let it go. Returns what
+    happened to each generation and the report (None unless every generation is finished and
+    `report`). `stop_after=m` plans generations 0..m only (tests simulate interruptions with it);
+    `table`: print the executor's table of jobs (`run_plan_cli`)."""
+    options = options or ExecOptions()
+    check_exec_options(options)
+    jobs = prepare_chain(chain, resume=resume, overwrite=overwrite)
+    if stop_after is not None:
+        jobs, report = jobs[:stop_after + 1], False
+    try:
+        plan = chain_plan(chain, jobs)
+        done = run_plan_cli(plan, options) if table else execute(plan, options)
+    except BaseException:
+        finish_chain(chain, report=False)
+        raise
+    return done, finish_chain(chain, report=report and not done.failed)
+
+
+def run_chain(chain: Chain, *, resume: bool = False, overwrite: bool = False, report: bool = True,
+              stop_after: int | None = None, options: ExecOptions | None = None) -> dict[str, Any] | None:
+    """Train every unfinished generation in order, then write and return the report.
+
+    `resume` / `overwrite`: what to do with a chain root that already holds generations (see
+    `claim_chain`; checked before anything is written). `stop_after=m` stops once generation m
+    is finished (tests use it to simulate interruptions). A generation that fails raises a
+    `KDLabError` naming it, once the chain is handed back (`kdlab generations` prints the table
+    of generations instead).
+    """
+    done, written = train_chain(chain, resume=resume, overwrite=overwrite, report=report, options=options,
+                                stop_after=stop_after)
+    if done.failed:
+        first = done.failed[0]
+        raise KDLabError(f"{first.job.label} {first.status}: {first.error}; once fixed, continue the chain with "
+                         f"{RETRY} --resume")
+    return written
+
+
+__all__ = ["chain_plan", "chain_refusal", "check_exec_options", "check_generation", "claim_chain", "finish_chain",
+           "generation_folders", "prepare_chain", "run_chain", "train_chain"]

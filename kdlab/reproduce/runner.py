@@ -13,7 +13,11 @@ For the chosen rows (plus the baseline rows that `top1_gain` rows are measured a
    or `overwrite` (its files are deleted before it trains again); a folder holding another
    config is continued by neither. A finished teacher of the same config is always reused
    (it is only read).
-2. *Run*: teachers first, then rows in table order.
+2. *Run*: every row's runs are jobs of ONE `kdlab.plan.Plan`: each teacher to train is one job
+   (a teacher shared by several rows trains once), each seed of a row a job waiting for its
+   teacher, a chain row one job per generation. The executor runs them one after another, N at
+   once (`--jobs`) or on Slurm (`--launcher slurm`); a failed job fails its own rows only
+   (and skips the jobs waiting for it), the other rows go on.
 3. *Compare*: measured last-epoch and best-epoch values against the published number, with
    the difference (measured - published), mean over seeds with `seeds > 1`.
 
@@ -23,7 +27,6 @@ Overrides: `method.*`, `teacher.*` and `name` apply to the row's config only; ev
 from __future__ import annotations
 
 import json
-import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,15 +36,14 @@ from kdlab.config.loader import load_config, override_section
 from kdlab.engine.result import RunResult
 from kdlab.engine.run_folder import RunFolder
 from kdlab.engine.tasks import task_for
-from kdlab.engine.launch import train_run
 from kdlab.errors import ConfigError, DataError, KDLabError
 from kdlab.experiments.results import mean_std
 from kdlab.experiments.seeds import seed_configs
+from kdlab.generations import runner as chains
 from kdlab.generations.config import is_chain_file, load_chain
-from kdlab.generations.runner import chain_refusal, run_chain
+from kdlab.plan import ExecOptions, Job, Plan, PlanReport
+from kdlab.plan.executor import run_plan_cli
 from kdlab.reproduce.table import Row, load_rows, repo_root
-
-log = logging.getLogger("kdlab")
 
 RETRY = "kdlab reproduce ROW"
 
@@ -70,7 +72,7 @@ def folder_problem(cfg: Any, *, resume: bool, overwrite: bool, what: str = "run"
 
 
 @dataclass
-class Plan:
+class RowPlan:
     """What `reproduce` will do for one row, decided before any training."""
 
     row: Row
@@ -82,6 +84,7 @@ class Plan:
     is_dependency: bool = False
     resume: bool = False  # continue / reuse what the run folders hold
     overwrite: bool = False  # delete what they hold before training
+    jobs: list[str] = field(default_factory=list)  # names of its jobs in the plan (`build_plan`)
 
     @property
     def run_dirs(self) -> list[Path]:
@@ -114,9 +117,9 @@ def _dataset_problem(cfg: Any, cache: dict[str, str | None]) -> str | None:
 
 
 def plan_row(row: Row, overrides: Sequence[str], root: Path, seeds: int, data_cache: dict, *,
-             resume: bool = False, overwrite: bool = False) -> Plan:
-    """Load and check everything a row needs; never trains. Problems become `Plan.problem`."""
-    plan = Plan(row, resume=resume, overwrite=overwrite)
+             resume: bool = False, overwrite: bool = False) -> RowPlan:
+    """Load and check everything a row needs; never trains. Problems become `RowPlan.problem`."""
+    plan = RowPlan(row, resume=resume, overwrite=overwrite)
     if not row.config:
         plan.problem = "kdlab has no config for this row (yet)"
         return plan
@@ -128,7 +131,7 @@ def plan_row(row: Row, overrides: Sequence[str], root: Path, seeds: int, data_ca
     try:
         if is_chain_file(path):
             plan.chain = load_chain(path, list(shared) + list(own))
-            plan.problem = (chain_refusal(plan.chain, resume=resume, overwrite=overwrite)
+            plan.problem = (chains.chain_refusal(plan.chain, resume=resume, overwrite=overwrite)
                             or _dataset_problem(plan.chain.configs[0], data_cache))
             return plan
         teacher_override: list[str] = []
@@ -174,9 +177,11 @@ def plan_row(row: Row, overrides: Sequence[str], root: Path, seeds: int, data_ca
 
 def plan_rows(rows: Sequence[Row], overrides: Sequence[str] = (), *, root: str | Path | None = None,
               seeds: int = 1, all_rows: Sequence[Row] | None = None, resume: bool = False,
-              overwrite: bool = False) -> list[Plan]:
+              overwrite: bool = False) -> list[RowPlan]:
     """Plans for `rows` and, first, for the baseline rows they are measured against.
-    `resume` / `overwrite`: what to do with run folders that already hold runs (see `folder_problem`)."""
+    `resume` / `overwrite`: what to do with run folders that already hold runs (see `folder_problem`).
+    A row that would train into a folder an earlier row trains with another config cannot run
+    (`refuse_shared_folders`)."""
     table = {r.id: r for r in (all_rows or load_rows())}
     wanted = [r.id for r in rows]
     ordered: list[tuple[Row, bool]] = []
@@ -191,6 +196,7 @@ def plan_rows(rows: Sequence[Row], overrides: Sequence[str] = (), *, root: str |
         p = plan_row(row, overrides, base, seeds, cache, resume=resume, overwrite=overwrite)
         p.is_dependency = dep
         plans.append(p)
+    refuse_shared_folders(plans)
     return plans
 
 
@@ -214,43 +220,6 @@ class Measured:
         best = {m: mean_std([r.best.get(m, math.nan) for r in results]) for m in names}
         return cls({m: v[0] for m, v in last.items()}, {m: v[0] for m, v in best.items()}, len(results),
                    {m: v[1] for m, v in last.items()}, run_dirs)
-
-
-def _train(cfg: Any, plan: Plan, trained: set[Path], what: str = "run") -> Path:
-    """Train `cfg` into its run folder under the plan's flags, once per `reproduce` call
-    (`trained`: the folders trained or reused so far; a teacher shared by rows trains once)."""
-    folder = RunFolder.of(cfg)
-    key = folder.path.resolve()
-    if key in trained or (not plan.overwrite and folder.is_finished()):
-        log.info("%s: finished earlier, reused", folder.path)
-        trained.add(key)
-        return folder.path
-    train_run(cfg, resume=plan.resume, overwrite=plan.overwrite, what=what, retry=RETRY)
-    trained.add(key)
-    return folder.path
-
-
-def run_plan(plan: Plan, trained: set[Path] | None = None) -> Measured:
-    """Train what the plan needs (teacher first) and return the measurement. `trained`: the run
-    folders this `reproduce` call has trained or reused already (shared by its plans)."""
-    trained = set() if trained is None else trained
-    if plan.problem:
-        raise KDLabError(f"{plan.row.id}: {plan.problem}")
-    if plan.chain is not None:
-        run_chain(plan.chain, resume=plan.resume, overwrite=plan.overwrite)
-        results = [RunResult.from_json(plan.chain.folder(m).read_result())
-                   for m in plan.chain.finished_generations()]
-        if not results:
-            raise KDLabError(f"{plan.row.id}: the chain has no finished generation")
-        key = base_metric(plan.row.metric)
-        best = max(results, key=lambda r: r.last.get(key, -math.inf))  # the best generation by the row's metric
-        return Measured.mean_of([best], [str(plan.chain.root)])
-    if plan.teacher_cfg is not None and plan.teacher_action == "train":
-        log.info("== %s: training its teacher %s first", plan.row.id, plan.teacher_cfg.name)
-        _train(plan.teacher_cfg, plan, trained, "teacher run")
-        plan.teacher_action = "reuse"
-    dirs = [_train(c, plan, trained) for c in plan.configs]
-    return Measured.mean_of([RunResult.from_json(RunFolder(d).read_result()) for d in dirs], [str(d) for d in dirs])
 
 
 def base_metric(metric: str) -> str:
@@ -302,18 +271,125 @@ class Outcome:
                 "baseline_row": self.is_dependency}
 
 
-def reproduce(plans: Sequence[Plan]) -> list[Outcome]:
-    """Run every plan without a problem, in order; a failing row does not stop the others."""
+def _row_jobs(p: RowPlan) -> tuple[Job | None, list[Job]]:
+    """(the job training the row's teacher, or None; the jobs of its own runs, each seed waiting
+    for that teacher). The teacher job carries the row's `resume`/`overwrite` like its runs
+    (a finished teacher of the same config never gets one: `plan_row` reuses it)."""
+    flags = {"resume": p.resume, "overwrite": p.overwrite, "retry": RETRY}
+    teacher = None
+    if p.teacher_cfg is not None and p.teacher_action == "train":
+        teacher = Job.train(p.teacher_cfg, what="teacher run", **flags)
+    after = [teacher.name] if teacher is not None else []
+    return teacher, [Job.train(c, after=after, **flags) for c in p.configs]
+
+
+def refuse_shared_folders(plans: Sequence[RowPlan]) -> None:
+    """Give a row whose run folder an earlier row trains with another config that `problem`
+    (the same config is one shared job: a teacher of several rows, a row that is another's
+    teacher)."""
+    taken: dict[str, tuple[Job, str]] = {}
+    for p in plans:
+        if p.problem or p.chain is not None:
+            continue
+        teacher, own = _row_jobs(p)
+        jobs = ([teacher] if teacher is not None else []) + own
+        for j in jobs:
+            old = taken.get(j.name)
+            if old is not None and (old[0].config != j.config or old[0].kind != j.kind):
+                p.problem = (f"{j.run_dir} is also the run folder of row {old[1]}, with another config; give "
+                             "one of them another name= (or output_dir=)")
+                break
+        else:
+            taken.update({j.name: (j, p.row.id) for j in jobs if j.name not in taken})
+
+
+def build_plan(plans: Sequence[RowPlan], name: str = "reproduce") -> Plan:
+    """One `kdlab.plan.Plan` for every row without a problem: teachers first (one job per
+    teacher, shared by the rows that use it), then each row's seeds (waiting for its teacher)
+    or the generations of its chain; sets each row's `jobs`. A chain row's root is claimed here
+    (`prepare_chain`; a claim that fails becomes the row's `problem`); `reproduce` releases it
+    (`finish_chain`) whatever happens. Jobs run in subprocesses log to
+    `<output_dir of the first row>/logs/<run name>.log`."""
+    teachers: list[Job] = []
+    runs: list[Job] = []
+    for p in plans:
+        if p.problem:
+            continue
+        if p.chain is not None:
+            try:
+                own = chains.prepare_chain(p.chain, resume=p.resume, overwrite=p.overwrite)
+            except KDLabError as exc:
+                p.problem = str(exc)
+                continue
+            p.jobs = [j.name for j in own]
+            runs += own
+            continue
+        teacher, own = _row_jobs(p)
+        if teacher is not None:
+            teachers.append(teacher)
+        p.jobs = [j.name for j in ([teacher] if teacher is not None else []) + own]
+        runs += own
+    plan = Plan(name)
+    for job in teachers + runs:  # a row's run that is another row's teacher joins the teachers, trained once
+        plan.add(job)
+    first = next((p for p in plans if p.jobs), None)
+    if first is not None:
+        plan.log_dir = first.run_dirs[0].parent / "logs"
+    return plan
+
+
+def measure(p: RowPlan) -> Measured:
+    """Read the row's measurement from its run folders: the mean over its seeds, or the best
+    generation of its chain (by the row's metric)."""
+    if p.chain is not None:
+        results = [RunResult.from_json(p.chain.folder(m).read_result()) for m in p.chain.finished_generations()]
+        if not results:
+            raise KDLabError(f"{p.row.id}: the chain has no finished generation")
+        key = base_metric(p.row.metric)
+        best = max(results, key=lambda r: r.last.get(key, -math.inf))  # the best generation by the row's metric
+        return Measured.mean_of([best], [str(p.chain.root)])
+    dirs = p.run_dirs
+    return Measured.mean_of([RunResult.from_json(RunFolder(d).read_result()) for d in dirs], [str(d) for d in dirs])
+
+
+def _jobs_problem(p: RowPlan, report: PlanReport) -> tuple[str, str] | None:
+    """(status, why) when a job of the row did not leave a run to read: `failed` with the errors
+    of its failed jobs (or why they were skipped), `submitted` when they are queued on Slurm."""
+    outcomes = [report.outcomes[n] for n in p.jobs if n in report.outcomes and not report.ok(n)]
+    broken = [o for o in outcomes if o.status in ("failed", "interrupted")] or \
+        [o for o in outcomes if o.status == "skipped"]
+    if broken:
+        return "failed", "; ".join(f"{o.job.label or o.job.name} {o.status}: {o.error}" for o in broken)
+    if outcomes:
+        return "submitted", (f"{len(outcomes)} job(s) submitted to Slurm; once they finish, run the same command "
+                             "with --resume to measure the row")
+    return None
+
+
+def reproduce(plans: Sequence[RowPlan], options: ExecOptions | None = None) -> list[Outcome]:
+    """Run every row without a problem as one plan (`build_plan`, executed by `run_plan_cli`:
+    one after another, or as `options` say), then measure each row from its run folders; a
+    failing job fails its own rows only."""
+    try:
+        plan = build_plan(plans)
+        report = run_plan_cli(plan, options or ExecOptions()) if plan.jobs else PlanReport(plan, {})
+    finally:
+        for p in plans:
+            if p.chain is not None and p.jobs:  # claimed by build_plan
+                chains.finish_chain(p.chain)
     measured: dict[str, Measured] = {}
-    trained: set[Path] = set()
     out = []
     for p in plans:
         if p.problem:
             out.append(Outcome(p.row, "cannot run", problem=p.problem, is_dependency=p.is_dependency))
             continue
+        unfinished = _jobs_problem(p, report)
+        if unfinished:
+            out.append(Outcome(p.row, unfinished[0], problem=unfinished[1],
+                               run_dirs=[str(d) for d in p.run_dirs], is_dependency=p.is_dependency))
+            continue
         try:
-            log.info("== reproduce %s (%s)", p.row.id, p.row.config)
-            m = run_plan(p, trained)
+            m = measure(p)
         except KDLabError as exc:
             out.append(Outcome(p.row, "failed", problem=str(exc), is_dependency=p.is_dependency))
             continue
@@ -333,5 +409,5 @@ def reproduce(plans: Sequence[Plan]) -> list[Outcome]:
     return out
 
 
-__all__ = ["Measured", "Outcome", "Plan", "folder_problem", "metric_values", "plan_row", "plan_rows",
-           "repo_root", "reproduce", "run_plan", "split_overrides"]
+__all__ = ["Measured", "Outcome", "RowPlan", "build_plan", "folder_problem", "measure", "metric_values", "plan_row",
+           "plan_rows", "refuse_shared_folders", "repo_root", "reproduce", "split_overrides"]

@@ -103,6 +103,23 @@ def train_spec(data: DataBundle) -> ViewSpec:
     return spec
 
 
+def cache_is_complete(path: str | Path, cfg: ExperimentConfig | None = None) -> bool:
+    """True when `path` holds a whole cache (its sidecar and logits) of this format and, given
+    `cfg`, built from the checkpoint file `cfg`'s teacher names now (a retrained teacher makes
+    it stale). A plan (`kdlab.plan`) builds a cache only when this is False."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    if not (path / LOGITS_FILE).is_file() or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        return False
+    if cfg is None or cfg.teacher is None:
+        return True
+    source = teacher_file(cfg)
+    return not Path(source).is_file() or meta.get("teacher", {}).get("sha256") == file_sha256(source)
+
+
 def rebuild_hint(path: str | Path) -> str:
     return (f"rebuild it with 'kdlab cache-teacher CONFIG teacher.cache={path} --overwrite' "
             "(the same config as training), or remove teacher.cache to run the teacher")
