@@ -68,8 +68,8 @@ def runnable_elsewhere(samples: int = 5, interval: float = 0.02) -> int | None:
     """Threads of other processes ready to run on this machine now (the median of a few
     readings of /proc/loadavg's running count, less this process's own running threads);
     None where the kernel does not say (not Linux)."""
-    import statistics
-    import time
+    import statistics  # lazy: only a CPU run start needs them
+    import time  # lazy: as above
 
     counts = []
     for i in range(samples):

@@ -106,7 +106,7 @@ def _gpu_count(plan: Plan) -> int:
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     """A worker whose parent dies (even by SIGKILL) gets SIGINT: it saves its place and exits."""
     try:
-        import ctypes
+        import ctypes  # lazy: only Linux workers need it, between fork and exec
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGINT)  # PR_SET_PDEATHSIG
     except OSError:

@@ -93,10 +93,11 @@ def run_job(job: Job) -> None:
 
     cfg = job.experiment()
     if job.kind == "cache":
-        from kdlab.engine.device import resolve_device
-        from kdlab.engine.run_folder import claim_cache_folder
-        from kdlab.engine.teacher_cache import build_cache
-        from kdlab.engine.teacher_cache.format import cache_is_complete
+        # lazy: only cache jobs load the cache builder (numpy memmaps, the teacher)
+        from kdlab.engine.device import resolve_device  # lazy: as above
+        from kdlab.engine.run_folder import claim_cache_folder  # lazy: as above
+        from kdlab.engine.teacher_cache import build_cache  # lazy: as above
+        from kdlab.engine.teacher_cache.format import cache_is_complete  # lazy: as above
 
         if cache_is_complete(job.run_dir, cfg) and not job.overwrite:
             return

@@ -19,12 +19,12 @@ def main() -> int:
     from kdlab.errors import KDLabError  # lazy: logging is set up before kdlab (and torch) load
 
     try:
-        from kdlab.plan.jobs import Job, run_job
+        from kdlab.plan.jobs import Job, run_job  # lazy: an import error becomes the job's one-line error
 
         job = Job.from_json(json.load(sys.stdin))
         threads = os.environ.get("KDLAB_THREADS")
         if threads:
-            import torch
+            import torch  # lazy: as above
 
             torch.set_num_threads(int(threads))
         run_job(job)
