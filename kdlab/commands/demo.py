@@ -11,7 +11,6 @@ from pathlib import Path
 
 from kdlab.commands._common import DEMO_MARKER, add_exec_args, earlier_demo, exec_options
 from kdlab.commands._demo_detection import DESCRIPTION as DETECTION_DESCRIPTION
-from kdlab.errors import KDLabError
 
 HELP = "teacher, student alone, KD, DKD, ReviewKD and two chains of generations on the bundled digits"
 DESCRIPTION = """\

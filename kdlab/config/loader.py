@@ -202,6 +202,16 @@ def override_section(text: str) -> str:
     return text.split("=", 1)[0].strip().split(".", 1)[0]
 
 
+def split_overrides(overrides: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(overrides for every config, overrides for the students' own config only: method.*,
+    teacher.*, name): how `reproduce` and `sweep` route the command line between a student's
+    config and its teacher's."""
+    shared, own = [], []
+    for text in overrides:
+        (own if override_section(text) in ("method", "teacher", "name") else shared).append(text)
+    return shared, own
+
+
 def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
     """`data` with dotted overrides applied in order. `method.name=X` naming another method than
     `data`'s starts X's section from X's defaults: the keys `data` gave its own method are dropped
@@ -359,5 +369,6 @@ __all__ = [
     "override_section",
     "parse_yaml",
     "read_yaml",
+    "split_overrides",
     "validate_config",
 ]

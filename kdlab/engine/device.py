@@ -108,9 +108,11 @@ def share_busy_cores(logger) -> int:
     once, at its start. Only ever fewer threads than torch would use; a thread count set in
     KDLAB_THREADS or OMP_NUM_THREADS is kept (and only warned about)."""
     threads = torch.get_num_threads()
+    if threads == 1:  # nothing to give up; spare the start the readings
+        return threads
     others = runnable_elsewhere()
     cores = os.cpu_count() or threads
-    if not others or threads == 1 or threads + others <= cores:
+    if not others or threads + others <= cores:
         return threads
     free = max(1, cores - others)
     if any(os.environ.get(v) for v in THREAD_ENV):

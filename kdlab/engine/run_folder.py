@@ -191,6 +191,14 @@ class RunFolder:
         """`last.pt` or `best.pt` of this run, or `epoch_<N>.pt` for an int (whether or not it exists)."""
         return self.path / (f"epoch_{which}.pt" if isinstance(which, int) else f"{which}.pt")
 
+    def teacher_checkpoint(self, named: str | None) -> Path:
+        """The checkpoint of this teacher run that a student loads: `last.pt` when the student's
+        config names a last.pt (DKD/KD distil from the final epoch, as the DKD authors do), else
+        `best.pt` (ReviewKD's official scripts; also when it names neither). Used by `reproduce`
+        and `sweep`, which train the teacher themselves."""
+        last = self.checkpoint("last")
+        return last if Path(named or "").name == last.name else self.checkpoint("best")
+
     def checkpoints(self) -> list[Path]:
         """The checkpoints that exist (`last.pt`, `best.pt`, `epoch_<N>.pt`)."""
         if not self.path.is_dir():

@@ -57,13 +57,10 @@ class _InProcess:
     """One job after another in this process (the default; a lone run prints as `kdlab train` does)."""
 
     def run(self, plan: Plan, outcomes: dict[str, Outcome], status: _StatusLine) -> PlanReport:
-        for job in plan.jobs:
-            if job.name in outcomes:
-                continue
-            if not all(outcomes.get(a) is not None and outcomes[a].status in ("done", "reused") for a in job.after):
-                _skip_dependents(plan, next(a for a in job.after if not PlanReport(plan, outcomes).ok(a)), outcomes)
-                outcomes.setdefault(job.name, Outcome(job, "skipped", "waits for a run that did not finish"))
-                continue
+        # The first job whose dependencies are done, again and again: plan order where it can be.
+        # A failure marks its dependents skipped, so nothing waits forever (the plan has no cycle).
+        while ready := _ready(plan, outcomes, set()):
+            job = ready[0]
             t0 = time.perf_counter()
             try:
                 run_job(job)

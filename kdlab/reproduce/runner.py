@@ -30,9 +30,9 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
-from kdlab.config.loader import load_config, override_section
+from kdlab.config.loader import load_config, split_overrides
 from kdlab.engine.result import RunResult
 from kdlab.engine.run_folder import RunFolder
 from kdlab.engine.tasks import task_for
@@ -46,14 +46,6 @@ from kdlab.plan.executor import run_plan_cli
 from kdlab.reproduce.table import Row, load_rows, repo_root
 
 RETRY = "kdlab reproduce ROW"
-
-
-def split_overrides(overrides: Iterable[str]) -> tuple[list[str], list[str]]:
-    """(overrides for every config, overrides for the row's own config only)."""
-    shared, own = [], []
-    for text in overrides:
-        (own if override_section(text) in ("method", "teacher", "name") else shared).append(text)
-    return shared, own
 
 
 def folder_problem(cfg: Any, *, resume: bool, overwrite: bool, what: str = "run") -> str | None:
@@ -146,9 +138,7 @@ def plan_row(row: Row, overrides: Sequence[str], root: Path, seeds: int, data_ca
             # distil from) or best.pt (ReviewKD's official scripts; also when it names neither).
             named = load_config(path, list(shared) + list(own)).teacher
             t_folder = RunFolder(t_dir)
-            last = t_folder.checkpoint("last")
-            t_file = last if named is not None and Path(named.checkpoint or "").name == last.name \
-                else t_folder.checkpoint("best")
+            t_file = t_folder.teacher_checkpoint(named.checkpoint if named is not None else None)
             teacher_override = [f"teacher.checkpoint={t_file}", "teacher.weights=null"]
             reusable = t_file.is_file() and t_folder.is_finished() and not t_folder.differences(plan.teacher_cfg)
             plan.teacher_action = "reuse" if reusable else "train"

@@ -25,9 +25,9 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
-from kdlab.config.loader import config_to_dict, load_config, override_section
+from kdlab.config.loader import config_to_dict, load_config, override_section, split_overrides
 from kdlab.engine.result import RunResult
 from kdlab.engine.run_folder import RunFolder
 from kdlab.errors import ConfigError, DataError, KDLabError
@@ -38,25 +38,6 @@ from kdlab.sweep.config import Point, Sweep
 RETRY = "kdlab sweep SWEEP.yaml"
 CACHE_FOLDER = "teacher_cache"
 LOG_FOLDER = "logs"
-
-
-def split_overrides(overrides: Iterable[str]) -> tuple[list[str], list[str]]:
-    """(overrides for every config, overrides for the students only: method.*, teacher.*, name).
-    The rule of `kdlab.reproduce.runner.split_overrides` (a copy: sweep and reproduce are
-    sibling layers; the two could share one helper in a lower layer)."""
-    shared, own = [], []
-    for text in overrides:
-        (own if override_section(text) in ("method", "teacher", "name") else shared).append(text)
-    return shared, own
-
-
-def teacher_file(teacher_dir: Path, named: str | None) -> Path:
-    """The checkpoint of the teacher's run the students load: `last.pt` when the base config's
-    `teacher.checkpoint` names a last.pt (DKD/KD distil from the final epoch), else `best.pt`
-    (as `kdlab reproduce` resolves a row's teacher config; it could share this helper)."""
-    folder = RunFolder(teacher_dir)
-    last = folder.checkpoint("last")
-    return last if Path(named or "").name == last.name else folder.checkpoint("best")
 
 
 @dataclass
@@ -226,7 +207,7 @@ def plan_sweep(sweep: Sweep, overrides: Sequence[str] = (), *, overwrite: bool =
     if sweep.teacher is not None:
         teacher_job = _plan_teacher(out, b, base, overwrite, problems if check_folders else [])
         assert out.teacher_dir is not None
-        student_extra = [_assign("teacher.checkpoint", str(teacher_file(out.teacher_dir, base.teacher.checkpoint))),
+        student_extra = [_assign("teacher.checkpoint", str(RunFolder(out.teacher_dir).teacher_checkpoint(base.teacher.checkpoint))),
                          "teacher.weights=null"]
     elif not b.chain and base.teacher is not None:
         out.teacher_action = "file"
@@ -294,7 +275,7 @@ def _plan_teacher(out: SweepPlan, b: _Builder, base: Any, overwrite: bool, probl
         raise ConfigError(f"{sweep.path}: sweep.teacher {sweep.settings.teacher}: {exc}") from None
     folder = RunFolder.of(tcfg)
     out.teacher_config, out.teacher_dir = tcfg, folder.path
-    t_file = teacher_file(folder.path, base.teacher.checkpoint)
+    t_file = folder.teacher_checkpoint(base.teacher.checkpoint)
     if t_file.is_file() and folder.is_finished() and not folder.differences(tcfg):
         out.teacher_action = "reuse"  # a finished teacher of this config is only read: never retrained
         return None
@@ -391,5 +372,4 @@ def collect(sp: SweepPlan, report: PlanReport | None = None, metric: str | None 
     return out
 
 
-__all__ = ["PlannedRun", "RunOutcome", "SweepPlan", "check_data", "collect", "plan_sweep", "split_overrides",
-           "teacher_file"]
+__all__ = ["PlannedRun", "RunOutcome", "SweepPlan", "check_data", "collect", "plan_sweep"]
