@@ -149,10 +149,13 @@ def test_gradient_check():
 
 
 def test_finite_gradients_where_the_reference_svd_gives_nan():
-    # A rank-one student map (every column equal): repeated zero singular values.
-    fs = torch.ones(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
-    fs2 = torch.randn(2, 3, 2, 2, dtype=torch.float64, requires_grad=True)
-    ft = [torch.rand(2, 5, 4, 4, dtype=torch.float64), torch.rand(2, 5, 2, 2, dtype=torch.float64)]
+    # A zero student map: exactly repeated (zero) singular values whatever the LAPACK. (A map of
+    # ones, used before, gave rounding-distinct singular values on some CPUs, and the reference
+    # stayed finite there.)
+    g = torch.Generator().manual_seed(0)
+    fs = torch.zeros(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    fs2 = torch.randn(2, 3, 2, 2, dtype=torch.float64, generator=g).requires_grad_(True)
+    ft = [torch.rand(2, 5, 4, 4, dtype=torch.float64, generator=g), torch.rand(2, 5, 2, 2, dtype=torch.float64, generator=g)]
     value = kdsvd_loss([fs, fs2], ft)
     value.backward()
     assert torch.isfinite(value) and torch.isfinite(fs.grad).all() and torch.isfinite(fs2.grad).all()
