@@ -59,7 +59,16 @@ def run(args: argparse.Namespace) -> int:
     # resume (or replace) the run with another config.
     retry = shlex.join(["kdlab", "train", args.config, *args.overrides])
     if args.seeds is not None:
+        from kdlab.errors import CheckpointError  # lazy: as above
         from kdlab.experiments.seeds import run_seeds_cli, seed_configs  # lazy: as above
+        from kdlab.plan.jobs import missing_teacher_files  # lazy: as above
+
+        # A problem every seed shares is one message before any seed starts, as without --seeds
+        # (the executor would record it as one failure per seed).
+        missing = missing_teacher_files(cfg)
+        if missing:
+            raise CheckpointError(f"{missing[0]}; train the teacher with 'kdlab train CONFIG' (it writes "
+                                  f"<output_dir>/<name>/best.pt and last.pt) and point {missing[0].split()[0]} to it")
 
         # Every seed's folder is checked before the first seed trains.
         folders = [RunFolder.of(c) for c in seed_configs(cfg, args.seeds)]

@@ -86,6 +86,17 @@ class Job:
         return cls(**{**data, "after": tuple(data.get("after", ()))})
 
 
+def missing_teacher_files(cfg: Any) -> list[str]:
+    """The teacher files `cfg` names that are not there, each as '<key> <path> does not exist':
+    checked by every command that plans runs before any of them starts, so that a problem all
+    the runs share is one message, not one failure per run."""
+    if cfg.teacher is None:
+        return []
+    return [f"{key} {value!r} does not exist" for key, value in
+            (("teacher.checkpoint", cfg.teacher.checkpoint), ("teacher.weights", cfg.teacher.weights))
+            if value and not Path(value).is_file()]
+
+
 def run_job(job: Job) -> None:
     """Do the job in this process: train its run (claiming the folder as `kdlab train` does) or
     build its teacher cache. A finished run is left as it is."""
@@ -160,4 +171,4 @@ class Plan:
         return out
 
 
-__all__ = ["Job", "Plan", "run_job"]
+__all__ = ["Job", "Plan", "missing_teacher_files", "run_job"]

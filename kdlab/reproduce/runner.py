@@ -42,6 +42,7 @@ from kdlab.experiments.seeds import seed_configs
 from kdlab.generations import runner as chains
 from kdlab.generations.config import is_chain_file, load_chain
 from kdlab.plan import ExecOptions, Job, Plan, PlanReport
+from kdlab.plan.jobs import missing_teacher_files
 from kdlab.plan.executor import run_plan_cli
 from kdlab.reproduce.table import Row, load_rows, repo_root
 
@@ -154,9 +155,8 @@ def plan_row(row: Row, overrides: Sequence[str], root: Path, seeds: int, data_ca
             problems.append(_dataset_problem(plan.teacher_cfg, data_cache))
         if cfg.teacher is not None and plan.teacher_cfg is None:
             plan.teacher_action = "file"
-            for label, value in (("teacher.checkpoint", cfg.teacher.checkpoint), ("teacher.weights", cfg.teacher.weights)):
-                if value and not Path(value).is_file():
-                    problems.append(f"{label} {value!r} does not exist; put the file there or pass {label}=PATH")
+            problems += [f"{missing}; put the file there or pass {missing.split()[0]}=PATH"
+                         for missing in missing_teacher_files(cfg)]
         problems += [folder_problem(c, resume=resume, overwrite=overwrite) for c in plan.configs]
         unique = [p for i, p in enumerate(problems) if p and p not in problems[:i]]
         plan.problem = "; ".join(unique) or None

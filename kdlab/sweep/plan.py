@@ -33,6 +33,7 @@ from kdlab.engine.run_folder import RunFolder
 from kdlab.errors import ConfigError, DataError, KDLabError
 from kdlab.generations.config import Chain, is_chain_file, load_chain
 from kdlab.plan import Job, Plan, PlanReport
+from kdlab.plan.jobs import missing_teacher_files
 from kdlab.sweep.config import Point, Sweep
 
 RETRY = "kdlab sweep SWEEP.yaml"
@@ -211,10 +212,9 @@ def plan_sweep(sweep: Sweep, overrides: Sequence[str] = (), *, overwrite: bool =
                          "teacher.weights=null"]
     elif not b.chain and base.teacher is not None:
         out.teacher_action = "file"
-        for label, value in (("teacher.checkpoint", base.teacher.checkpoint), ("teacher.weights", base.teacher.weights)):
-            if check_folders and value and not Path(value).is_file():
-                problems.append(f"{label} {value!r} does not exist; put the file there, pass {label}=PATH, or name "
-                                f"the teacher's config as sweep.teacher in {sweep.path} to train it first")
+        for missing in missing_teacher_files(base) if check_folders else []:
+            problems.append(f"{missing}; put the file there, pass {missing.split()[0]}=PATH, or name "
+                            f"the teacher's config as sweep.teacher in {sweep.path} to train it first")
     if sweep.settings.teacher_cache:
         out.cache_dir = root / CACHE_FOLDER
         student_extra.append(_assign("teacher.cache", str(out.cache_dir)))
