@@ -49,3 +49,33 @@ def make_config(tmp_path):
         return tiny_config(tmp_path, **sections)
 
     return make
+
+
+@pytest.fixture
+def method_plugin(tmp_path):
+    """`write(template)`: a plugin file registering a method of a fresh name (`template` has a
+    `{name}` field), returned as (path, name); the method and the module are forgotten after the
+    test, so that no later test in this process meets it in the registry (a test that sets up
+    every registered method would run it)."""
+    import sys
+    import uuid
+
+    from kdlab.config import plugins
+    from kdlab.methods import METHODS
+
+    written: list[tuple[object, str]] = []
+
+    def write(template: str):
+        name = f"plugin_{uuid.uuid4().hex[:8]}"
+        path = tmp_path / f"{name}.py"
+        path.write_text(template.format(name=name))
+        written.append((path, name))
+        return path, name
+
+    yield write
+    for path, name in written:
+        if name in METHODS:
+            METHODS.unregister(name)
+        module = plugins._imported.pop(str(path.resolve()), None)
+        if module is not None:
+            sys.modules.pop(module.__name__, None)

@@ -130,10 +130,8 @@ def test_parallel_workers_train_what_one_process_trains(make_config, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_crashed_worker_is_one_failed_run(make_config, tmp_path):
-    name = f"kill_{os.getpid()}"
-    plugin = tmp_path / "killer.py"
-    plugin.write_text(KILLER.format(name=name))
+def test_a_crashed_worker_is_one_failed_run(make_config, tmp_path, method_plugin):
+    plugin, name = method_plugin(KILLER)  # forgotten afterwards: it SIGKILLs whatever trains it
     crash = _job(make_config, "crash", imports=[str(plugin)], method={"name": name})
     waits = _job(make_config, "waits", after=[crash.name])
     fine = _job(make_config, "fine")

@@ -209,10 +209,8 @@ def test_the_sbatch_script_asks_for_the_resources_of_a_ddp_job(make_config, tmp_
         make_executor("slurm", tmp_path, job, launcher_settings({"gpus_per_job": 4, "cpus_per_job": 2}))
 
 
-def test_preemption_saves_the_step_and_the_requeued_job_continues(make_config, tmp_path):
-    name = f"preempt_{os.getpid()}"
-    plugin = tmp_path / "preempt.py"
-    plugin.write_text(PREEMPTED.format(name=name))
+def test_preemption_saves_the_step_and_the_requeued_job_continues(make_config, tmp_path, method_plugin):
+    plugin, name = method_plugin(PREEMPTED)  # forgotten afterwards: it signals whatever trains it
     fresh = _job(make_config, "pre", imports=[str(plugin)], method={"name": name})
     job = Job.from_json({**fresh.to_json(), "resume": False, "overwrite": True})
     requeues = []
