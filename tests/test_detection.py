@@ -14,7 +14,7 @@ from kdlab.schema.detection import ShapesConfig
 from kdlab.data.coco import CocoSplit, detection_transforms, read_annotations
 from kdlab.data.coco_eval import coco_metrics, detections_to_coco
 from kdlab.data.grouped import GroupedBatchSampler
-from kdlab.data.shapes import CLASSES, generate_shapes
+from kdlab.data.shapes import CLASSES, generate_shape_classes, generate_shapes
 from kdlab.errors import CheckpointError, ConfigError, DataError
 from kdlab.models.detection import build_detector, fpn_shapes, num_object_classes, parse_detector_name
 
@@ -57,6 +57,26 @@ def test_generated_set_is_deterministic_and_reused(tmp_path, shapes_root):
     (tmp_path / "busy" / "file.txt").write_text("x")
     with pytest.raises(DataError, match="not empty"):
         generate_shapes(tmp_path / "busy", TINY_SHAPES)
+
+
+def test_shape_classes_are_an_image_folder_of_one_labelled_object_each(tmp_path):
+    from PIL import Image
+
+    root = generate_shape_classes(tmp_path / "classes", num_train=40, num_val=10, size=32, seed=3)
+    files = {split: sorted((root / split).rglob("*.png")) for split in ("train", "val")}
+    assert (len(files["train"]), len(files["val"])) == (40, 10)
+    assert {p.parent.name for p in files["train"]} <= set(CLASSES)
+    assert len({p.parent.name for p in files["train"]}) >= 3  # classes are drawn at random
+    for path in files["train"][:5]:
+        pixels = np.asarray(Image.open(path))
+        assert pixels.shape == (32, 32, 3)
+        # One object of a colour far from the background: the image is not one flat colour.
+        assert pixels.reshape(-1, 3).std(axis=0).max() > 20
+    stamp = files["train"][0].stat().st_mtime_ns
+    assert generate_shape_classes(root, num_train=40, num_val=10, size=32, seed=3) == root  # reused
+    assert files["train"][0].stat().st_mtime_ns == stamp
+    with pytest.raises(DataError, match="other settings"):
+        generate_shape_classes(root, num_train=40, num_val=10, size=32, seed=4)
 
 
 def test_shapes_settings_are_validated():
@@ -348,6 +368,32 @@ def test_backbone_and_detector_weights_load_only_from_fitting_local_files(tmp_pa
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
     with pytest.raises(CheckpointError, match="Only the class-dependent layers differ"):
         build_detector("fasterrcnn_resnet18_fpn", 5, weights=str(tmp_path / "det.pth"))
+
+
+def test_a_kdlab_checkpoint_of_the_torchvision_classifier_is_a_backbone_file(tmp_path):
+    """`kdlab train` a `tv:resnet18` / `tv:mobilenet_v2` classifier, then detect from its
+    backbone (the detection demo's pretraining): the checkpoint's `net.`-prefixed state loads."""
+    from kdlab.engine.checkpoint import Checkpoint
+    from kdlab.models import create_model
+
+    for name, body_of in (("resnet18", lambda m: m.backbone.body.layer3[0].conv1.weight),
+                          ("mobilenet_v2", lambda m: m.backbone.body["13"].conv[0][0].weight)):
+        classifier = create_model(f"tv:{name}", num_classes=5)
+        Checkpoint.for_model(classifier, f"tv:{name}", 5).save(tmp_path / f"{name}.pt")
+        model = build_detector(f"fasterrcnn_{name}_fpn", 3, norm="bn", backbone_weights=str(tmp_path / f"{name}.pt"))
+        source = dict(classifier.named_parameters())
+        want = source["net.layer3.0.conv1.weight" if name == "resnet18" else "net.features.13.conv.0.0.weight"]
+        assert torch.equal(body_of(model), want)
+    with pytest.raises(CheckpointError, match="does not fit the mobilenet_v2 backbone"):
+        build_detector("fasterrcnn_mobilenet_v2_fpn", 3, norm="bn", backbone_weights=str(tmp_path / "resnet18.pt"))
+    # torchvision's own MobileNetV2 file (its 1000-way classifier is ignored; it used to be
+    # reported missing, so no MobileNetV2 ImageNet file loaded).
+    import torchvision
+
+    ref = torchvision.models.mobilenet_v2(weights=None)
+    torch.save(ref.state_dict(), tmp_path / "mv2.pth")
+    model = build_detector("fasterrcnn_mobilenet_v2_fpn", 3, norm="bn", backbone_weights=str(tmp_path / "mv2.pth"))
+    assert torch.equal(model.backbone.body["13"].conv[0][0].weight, ref.features[13].conv[0][0].weight)
 
 
 def test_unknown_detector_options_are_named():

@@ -263,3 +263,31 @@ def test_bad_launcher_settings_are_one_error_naming_the_key(make_config, tmp_pat
     monkeypatch.setitem(sys.modules, "submitit", None)  # not installed
     with pytest.raises(KDLabError, match=r"pip install 'kdlab\[slurm\]'"):
         execute(plan, ExecOptions(launcher="slurm"))
+
+
+def test_launcher_config_is_read_by_every_command_that_takes_launcher(tmp_path):
+    """--launcher-config (commands/_common.py) on train, generations, reproduce, demo and sweep:
+    a mapping or a file's launcher: block; its keys override the sweep file's block; without
+    --launcher slurm, or unreadable, or not a mapping, it is one error naming the fix."""
+    from kdlab.cli import build_parser
+
+    parser = build_parser()
+    (tmp_path / "plain.yaml").write_text("partition: gpu\ntime_min: 60\n")
+    (tmp_path / "block.yaml").write_text("launcher: {partition: long, mem_gb: 32}\n")
+    (tmp_path / "list.yaml").write_text("- partition\n")
+    from kdlab.commands._common import exec_options
+
+    for argv in (["train", "c.yaml", "--seeds", "2"], ["generations", "c.yaml"], ["reproduce", "dkd/*"],
+                 ["demo"], ["sweep", "s.yaml"]):
+        args = parser.parse_args([*argv, "--launcher", "slurm", "--launcher-config", str(tmp_path / "plain.yaml")])
+        assert exec_options(args).launcher_settings == {"partition": "gpu", "time_min": 60}, argv
+    args = parser.parse_args(["sweep", "s.yaml", "--launcher", "slurm", "--launcher-config", str(tmp_path / "block.yaml")])
+    assert exec_options(args, {"partition": "gpu", "gpus_per_job": 2}).launcher_settings == \
+        {"partition": "long", "gpus_per_job": 2, "mem_gb": 32}
+    local = parser.parse_args(["train", "c.yaml", "--launcher-config", str(tmp_path / "plain.yaml")])
+    with pytest.raises(ConfigError, match="add --launcher slurm"):
+        exec_options(local)
+    for name, match in (("missing.yaml", "cannot read it"), ("list.yaml", "must be a YAML mapping")):
+        args = parser.parse_args(["train", "c.yaml", "--launcher", "slurm", "--launcher-config", str(tmp_path / name)])
+        with pytest.raises(ConfigError, match=match):
+            exec_options(args)

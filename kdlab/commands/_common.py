@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kdlab.errors import KDLabError
+from kdlab.errors import ConfigError, KDLabError
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -87,11 +87,46 @@ def add_exec_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--launcher", choices=["local", "slurm"], default="local",
                    help="slurm: submit one Slurm job per run through submitit (pip install 'kdlab[slurm]'), "
                         "students after their teachers; resources from the file's launcher: block (docs/cluster.md)")
+    g.add_argument("--launcher-config", default=None, metavar="FILE.yaml",
+                   help="--launcher slurm: a YAML mapping of the Slurm resources (partition, gpus_per_job, "
+                        "cpus_per_job, mem_gb, time_min, account, qos, constraint, sbatch, folder, wait; "
+                        "kdlab.plan.slurm), or a file with such a launcher: block; its keys override a sweep "
+                        "file's launcher: block")
 
 
 def exec_options(args: argparse.Namespace, settings: dict | None = None):
-    """The `kdlab.plan.ExecOptions` of the --jobs/--jobs-per-device/--launcher arguments."""
+    """The `kdlab.plan.ExecOptions` of the --jobs/--jobs-per-device/--launcher arguments;
+    `settings`: the Slurm resources of the command's file (a sweep's `launcher:` block), which
+    --launcher-config's keys override."""
     from kdlab.plan.executor import ExecOptions  # lazy: keeps `kdlab --help` fast
 
     return ExecOptions(jobs=args.jobs, jobs_per_device=args.jobs_per_device, launcher=args.launcher,
-                       launcher_settings=dict(settings or {}))
+                       launcher_settings={**(settings or {}), **launcher_settings(args)})
+
+
+def launcher_settings(args: argparse.Namespace) -> dict:
+    """The Slurm resources of --launcher-config (a mapping, or a file's `launcher:` block);
+    `kdlab.plan.slurm` checks the keys."""
+    path = args.launcher_config
+    if path is None:
+        return {}
+    if args.launcher != "slurm":
+        raise ConfigError(f"--launcher-config {path} sets Slurm resources, but the runs are local; add "
+                          "--launcher slurm (or drop --launcher-config)")
+    import yaml  # lazy: keeps `kdlab --help` fast
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"--launcher-config {path}: cannot read it ({exc.strerror}); pass an existing "
+                          "YAML file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--launcher-config {path} is not valid YAML ({exc}); fix the file") from None
+    if isinstance(data, dict) and set(data) == {"launcher"}:
+        data = data["launcher"]
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--launcher-config {path} must be a YAML mapping of Slurm resources "
+                          f"(e.g. partition: gpu, gpus_per_job: 1, time_min: 600), not a {type(data).__name__}")
+    return data

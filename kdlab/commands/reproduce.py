@@ -5,7 +5,6 @@ import argparse
 import json
 import math
 import sys
-from pathlib import Path
 
 from kdlab.commands._common import add_exec_args, add_run_folder_args, exec_options
 from kdlab.errors import ConfigError
@@ -65,40 +64,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(default: the current folder if it has configs/, else the kdlab checkout)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the outcomes as JSON")
     add_run_folder_args(p, "reuse the rows' finished runs and continue interrupted ones in their folders")
-    group = add_exec_args(p) or p  # beside --launcher when add_exec_args returns its group
-    group.add_argument("--launcher-config", default=None, metavar="FILE.yaml",
-                       help="--launcher slurm: a YAML mapping of the Slurm resources (partition, gpus_per_job, "
-                            "cpus_per_job, mem_gb, time_min, account, qos, constraint, sbatch, folder, wait; "
-                            "kdlab.plan.slurm), or a file with such a launcher: block")
+    add_exec_args(p)
     p.set_defaults(func=run)
-
-
-def launcher_settings(args: argparse.Namespace) -> dict:
-    """The Slurm resources of --launcher-config (a mapping, or a file's `launcher:` block);
-    `kdlab.plan.slurm` checks the keys."""
-    path = args.launcher_config
-    if path is None:
-        return {}
-    if args.launcher != "slurm":
-        raise ConfigError(f"--launcher-config {path} sets Slurm resources, but the runs are local; add "
-                          "--launcher slurm (or drop --launcher-config)")
-    import yaml  # lazy: keeps `kdlab --help` fast
-
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise ConfigError(f"--launcher-config {path}: cannot read it ({exc.strerror}); pass an existing "
-                          "YAML file") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--launcher-config {path} is not valid YAML ({exc}); fix the file") from None
-    if isinstance(data, dict) and set(data) == {"launcher"}:
-        data = data["launcher"]
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"--launcher-config {path} must be a YAML mapping of Slurm resources "
-                          f"(e.g. partition: gpu, gpus_per_job: 1, time_min: 600), not a {type(data).__name__}")
-    return data
 
 
 def _num(x) -> str:
@@ -138,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
-    options = exec_options(args, launcher_settings(args))  # bad flags fail before anything is planned
+    options = exec_options(args)  # bad flags fail before anything is planned
     plans = plan_rows(select_rows(patterns, rows), overrides, root=args.root, seeds=args.seeds, all_rows=rows,
                       resume=args.resume, overwrite=args.overwrite)
     problems = [p for p in plans if p.problem]

@@ -124,31 +124,28 @@ def _write_split(folder: Path, split: str, count: int, spec: ShapesConfig, rng: 
     (folder / "annotations" / f"instances_{split}.json").write_text(json.dumps(doc))
 
 
-def generate_shapes(folder: str | Path, spec: ShapesConfig | None = None) -> Path:
-    """Write the set described by `spec` into `folder` (created), or reuse it when it already
-    holds exactly that set. Safe when several processes (DDP ranks) call it at once: each
-    writes a private temporary folder and the first to finish renames it into place."""
-    spec = spec or ShapesConfig()
+def _write_once(folder: str | Path, settings: dict[str, Any], what: str, write: Any) -> Path:
+    """Write a generated set into `folder` with `write(tmp_folder)`, or reuse the folder when it
+    already holds the set of exactly these `settings`. Safe when several processes (DDP ranks)
+    call it at once: each writes a private temporary folder and the first to finish renames it
+    into place."""
     folder = Path(folder).expanduser()
-    settings = {"version": FORMAT_VERSION, **spec.model_dump()}
     marker = folder / MARKER
     if marker.is_file():
         found = json.loads(marker.read_text())
         if found != settings:
             raise DataError(
-                f"{str(folder)!r} holds a generated shapes set made with other settings ({found}); delete the "
-                "folder to regenerate it, or set data.root to another folder"
+                f"{str(folder)!r} holds {what} made with other settings ({found}); delete the folder to "
+                "regenerate it, or point data.root at another folder"
             )
         return folder
     if folder.exists() and any(folder.iterdir()):
-        raise DataError(f"data.root {str(folder)!r} is not empty and holds no generated shapes set; point data.root "
-                        "at an empty or new folder for the generated set")
+        raise DataError(f"data.root {str(folder)!r} is not empty and holds no {what}; point data.root at an empty "
+                        f"or new folder for the {what}")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        rng = np.random.default_rng(spec.seed)
-        _write_split(tmp, "train", spec.num_train, spec, rng)
-        _write_split(tmp, "val", spec.num_val, spec, rng)
+        write(tmp)
         (tmp / MARKER).write_text(json.dumps(settings))
         if folder.exists():  # an empty folder someone created: replace it
             folder.rmdir()
@@ -162,4 +159,44 @@ def generate_shapes(folder: str | Path, spec: ShapesConfig | None = None) -> Pat
     return folder
 
 
-__all__ = ["CLASSES", "generate_shapes", "shapes_key"]
+def generate_shapes(folder: str | Path, spec: ShapesConfig | None = None) -> Path:
+    """Write the set described by `spec` into `folder` (created), or reuse it when it already
+    holds exactly that set (see `_write_once`)."""
+    spec = spec or ShapesConfig()
+
+    def write(tmp: Path) -> None:
+        rng = np.random.default_rng(spec.seed)
+        _write_split(tmp, "train", spec.num_train, spec, rng)
+        _write_split(tmp, "val", spec.num_val, spec, rng)
+
+    return _write_once(folder, {"version": FORMAT_VERSION, **spec.model_dump()}, "a generated shapes set", write)
+
+
+def generate_shape_classes(folder: str | Path, num_train: int = 1500, num_val: int = 300, size: int = 32,
+                           min_object: int = 10, max_object: int = 28, seed: int = 0) -> Path:
+    """A classification version of the generated shapes, in torchvision's ImageFolder layout
+    (`<folder>/train/<class>/000001.png`, `<folder>/val/<class>/...`): one object of one of the
+    five classes on a `size` x `size` noisy canvas, drawn as the detection set draws them. It is
+    the detection demo's stand-in for ImageNet: its backbones are pretrained on it
+    (`data.name: imagefolder`) before they learn to detect, as the papers' students start from
+    ImageNet weights. Written once, then reused while the settings match."""
+    spec = ShapesConfig(num_train=num_train, num_val=num_val, height=size, width=size, min_object=min_object,
+                        max_object=max_object, max_objects=1, seed=seed)
+
+    def write(tmp: Path) -> None:
+        from PIL import Image  # lazy: detection-only
+
+        rng = np.random.default_rng(seed)
+        for split, count in (("train", num_train), ("val", num_val)):
+            for name in CLASSES:
+                (tmp / split / name).mkdir(parents=True)
+            for i in range(1, count + 1):
+                pixels, objects = _render(spec, rng)
+                kind = CLASSES[objects[0]["category_id"] - 1]
+                Image.fromarray(pixels).save(tmp / split / kind / f"{i:06d}.png")
+
+    settings = {"version": FORMAT_VERSION, "kind": "classes", **spec.model_dump()}
+    return _write_once(folder, settings, "generated shape classes", write)
+
+
+__all__ = ["CLASSES", "generate_shape_classes", "generate_shapes", "shapes_key"]

@@ -103,8 +103,8 @@ def share_busy_cores(logger) -> int:
     Why: OpenMP threads that share cores with other busy processes do not merely get their
     share of the time; each parallel region waits for its slowest thread, which the scheduler
     has parked behind the other process. Measured (docs/speed.md, "A busy machine"): a 2-thread
-    KD step took 0.71 s alone and 2.96 s beside one single-thread busy process, while one thread
-    beside it took 1.48 s. So the run drops to the cores the others leave free (at least one),
+    KD step took 0.80 s alone and 3.16 s beside one single-thread busy process, while one thread
+    beside it took 1.57 s. So the run drops to the cores the others leave free (at least one),
     once, at its start. Only ever fewer threads than torch would use; a thread count set in
     KDLAB_THREADS or OMP_NUM_THREADS is kept (and only warned about)."""
     threads = torch.get_num_threads()

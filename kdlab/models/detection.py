@@ -182,10 +182,15 @@ def _load_backbone_state(module: nn.Module, path: str, label: str, ignore_prefix
     """Strictly load an ImageNet classification state dict into `module`, ignoring its
     classifier (`ignore_prefix`) and batch-norm counters a frozen batch norm does not keep."""
     state = read_state_dict(path)
+    if all(k.startswith("net.") for k in state):
+        # A `kdlab train` checkpoint of the torchvision classifier (`tv:resnet18`, ...): its
+        # model state is torchvision's, prefixed by `net.` (TorchvisionClassifier).
+        state = {k[len("net."):]: v for k, v in state.items()}
     own = module.state_dict()
     state = {k: v for k, v in state.items()
              if not k.startswith(ignore_prefix) and not (k.endswith("num_batches_tracked") and k not in own)}
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    missing = [k for k in own if k not in state and not k.startswith(ignore_prefix)
+               and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
               for k in own if k in state and state[k].shape != own[k].shape]

@@ -31,8 +31,8 @@ from typing import Callable
 
 from kdlab.errors import KDLabError
 from kdlab.plan.jobs import Job, Plan, run_job
-from kdlab.plan.outcomes import (ExecOptions, Outcome, PlanReport, _failed_message, _last_error, _ready,
-                                 _skip_dependents, _StatusLine, cpu_cores, threads_per_job)
+from kdlab.plan.outcomes import (ExecOptions, Outcome, PlanReport, StatusLine, cpu_cores, failed_message,
+                                 last_error, ready_jobs, skip_dependents, threads_per_job)
 
 log = logging.getLogger("kdlab")
 
@@ -50,16 +50,16 @@ def execute(plan: Plan, options: ExecOptions | None = None) -> PlanReport:
 
         return submit_plan(plan, options, outcomes)
     runner = _InProcess() if options.jobs == 1 else _Subprocesses(plan, options)
-    return runner.run(plan, outcomes, _StatusLine(plan, options.status))
+    return runner.run(plan, outcomes, StatusLine(plan, options.status))
 
 
 class _InProcess:
     """One job after another in this process (the default; a lone run prints as `kdlab train` does)."""
 
-    def run(self, plan: Plan, outcomes: dict[str, Outcome], status: _StatusLine) -> PlanReport:
+    def run(self, plan: Plan, outcomes: dict[str, Outcome], status: StatusLine) -> PlanReport:
         # The first job whose dependencies are done, again and again: plan order where it can be.
         # A failure marks its dependents skipped, so nothing waits forever (the plan has no cycle).
-        while ready := _ready(plan, outcomes, set()):
+        while ready := ready_jobs(plan, outcomes, set()):
             job = ready[0]
             t0 = time.perf_counter()
             try:
@@ -68,10 +68,10 @@ class _InProcess:
                 outcomes[job.name] = Outcome(job, "interrupted", "stopped by Ctrl-C", time.perf_counter() - t0)
                 raise
             except Exception as exc:  # noqa: BLE001 - a failed run is recorded; the others go on
-                log.error("%s failed: %s", job.label or job.name, _failed_message(exc),
+                log.error("%s failed: %s", job.label or job.name, failed_message(exc),
                           exc_info=not isinstance(exc, KDLabError))
-                outcomes[job.name] = Outcome(job, "failed", _failed_message(exc), time.perf_counter() - t0)
-                _skip_dependents(plan, job.name, outcomes)
+                outcomes[job.name] = Outcome(job, "failed", failed_message(exc), time.perf_counter() - t0)
+                skip_dependents(plan, job.name, outcomes)
                 continue
             outcomes[job.name] = Outcome(job, "done", seconds=time.perf_counter() - t0)
         return PlanReport(plan, outcomes)
@@ -155,11 +155,11 @@ class _Subprocesses:
         proc.stdin.close()
         return proc
 
-    def run(self, plan: Plan, outcomes: dict[str, Outcome], status: _StatusLine) -> PlanReport:
+    def run(self, plan: Plan, outcomes: dict[str, Outcome], status: StatusLine) -> PlanReport:
         running: dict[str, tuple[subprocess.Popen, float, int | None]] = {}
         try:
             while True:
-                for job in _ready(plan, outcomes, set(running)):
+                for job in ready_jobs(plan, outcomes, set(running)):
                     if len(running) >= self.slots:
                         break
                     device = None
@@ -169,8 +169,8 @@ class _Subprocesses:
                     try:
                         running[job.name] = (self._start(job, device), time.perf_counter(), device)
                     except (OSError, KDLabError) as exc:
-                        outcomes[job.name] = Outcome(job, "failed", _failed_message(exc))
-                        _skip_dependents(plan, job.name, outcomes)
+                        outcomes[job.name] = Outcome(job, "failed", failed_message(exc))
+                        skip_dependents(plan, job.name, outcomes)
                     status.update(outcomes, len(running), self.slots)
                 if not running:
                     break
@@ -186,11 +186,11 @@ class _Subprocesses:
                     if rc == 0:
                         outcomes[name] = Outcome(job, "done", seconds=seconds, log=log_path)
                     else:
-                        why = _last_error(Path(log_path)) or f"exit status {rc}"
+                        why = last_error(Path(log_path)) or f"exit status {rc}"
                         if rc < 0:
                             why = f"killed by signal {-rc}"
                         outcomes[name] = Outcome(job, "interrupted" if rc == 130 else "failed", why, seconds, log_path)
-                        _skip_dependents(plan, name, outcomes)
+                        skip_dependents(plan, name, outcomes)
                     status.update(outcomes, len(running), self.slots, outcomes[name])
         except KeyboardInterrupt:
             # The terminal's Ctrl-C reached the workers too (one process group): each saves its

@@ -94,22 +94,22 @@ class PlanReport:
         return 1 if self.failed else 0
 
 
-def _failed_message(exc: BaseException) -> str:
+def failed_message(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, KDLabError) else f"{type(exc).__name__}: {exc}"
 
 
-def _skip_dependents(plan: Plan, name: str, outcomes: dict[str, Outcome]) -> None:
+def skip_dependents(plan: Plan, name: str, outcomes: dict[str, Outcome]) -> None:
     for dep in plan.dependents(name):
         if dep.name not in outcomes:
             outcomes[dep.name] = Outcome(dep, "skipped", f"waits for {Path(name).name}, which did not finish")
 
 
-def _ready(plan: Plan, outcomes: dict[str, Outcome], running: set[str]) -> list[Job]:
+def ready_jobs(plan: Plan, outcomes: dict[str, Outcome], running: set[str]) -> list[Job]:
     return [j for j in plan.jobs if j.name not in outcomes and j.name not in running
             and all(outcomes.get(a) is not None and outcomes[a].status in ("done", "reused") for a in j.after)]
 
 
-class _StatusLine:
+class StatusLine:
     """done / running / failed / remaining and an ETA (from the finished jobs' mean time), as
     one redrawn line on a terminal, else one log line per finished job."""
 
@@ -159,7 +159,7 @@ def threads_per_job(jobs: int, cores: int | None = None) -> int:
     return max(1, (cores or cpu_cores()) // jobs)
 
 
-def _last_error(path: Path) -> str:
+def last_error(path: Path) -> str:
     """The error a worker printed last (its 'kdlab: error:' line, else its last line)."""
     try:
         lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
@@ -170,4 +170,5 @@ def _last_error(path: Path) -> str:
     return text[:500]
 
 
-__all__ = ["ExecOptions", "Outcome", "PlanReport", "Status", "cpu_cores", "threads_per_job"]
+__all__ = ["ExecOptions", "Outcome", "PlanReport", "Status", "StatusLine", "cpu_cores", "failed_message", "last_error",
+           "ready_jobs", "skip_dependents", "threads_per_job"]

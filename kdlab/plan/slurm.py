@@ -43,8 +43,8 @@ from pydantic import NonNegativeInt, PositiveFloat, PositiveInt, ValidationError
 from kdlab.config.loader import format_validation_errors
 from kdlab.errors import ConfigError, KDLabError
 from kdlab.plan.jobs import Job, Plan, run_job
-from kdlab.plan.outcomes import (ExecOptions, Outcome, PlanReport, _failed_message, _last_error, _ready,
-                                 _skip_dependents, _StatusLine, threads_per_job)
+from kdlab.plan.outcomes import (ExecOptions, Outcome, PlanReport, StatusLine, failed_message, last_error,
+                                 ready_jobs, skip_dependents, threads_per_job)
 from kdlab.schema.experiment import StrictModel
 
 log = logging.getLogger("kdlab")
@@ -57,7 +57,7 @@ MAX_TIMEOUT_REQUEUES = 20
 #: sbatch options submitit or the plan set themselves (an `sbatch:` line must not replace them).
 RESERVED_SBATCH = {"output", "error", "open_mode", "array", "signal", "dependency", "job_name"}
 RECORD = "kdlab-jobs.json"
-ERROR_MARK = "kdlab worker: error:"  # the line `_last_error` reads, as the local workers print it
+ERROR_MARK = "kdlab worker: error:"  # the line `last_error` reads, as the local workers print it
 
 
 class LauncherSettings(StrictModel):
@@ -205,7 +205,7 @@ class JobRunner:
             raise
         except Exception as exc:
             traceback.print_exc()
-            print(f"{ERROR_MARK} {_failed_message(exc)}", file=sys.stderr, flush=True)
+            print(f"{ERROR_MARK} {failed_message(exc)}", file=sys.stderr, flush=True)
             raise
         finally:
             if distributed:
@@ -304,7 +304,7 @@ def _failure(handle: Any) -> str:
     except OSError:
         marked = False
     if marked:
-        return _last_error(path)
+        return last_error(path)
     state = str(getattr(handle, "state", "") or "").split(" ")[0]
     exc = handle.exception()
     tail = str(exc).strip().splitlines()[-1] if exc is not None and str(exc).strip() else ""
@@ -318,7 +318,7 @@ class _Waiter:
 
     def __init__(self, plan: Plan, options: ExecOptions) -> None:
         self.plan = plan
-        self.status = _StatusLine(plan, options.status)
+        self.status = StatusLine(plan, options.status)
         self.handles: dict[str, Any] = {}
         self.started: dict[str, float] = {}
 
@@ -345,7 +345,7 @@ class _Waiter:
                 for dep in self.plan.dependents(name):
                     if dep.name in self.handles:
                         self.handles.pop(dep.name).cancel(check=False)
-                _skip_dependents(self.plan, name, outcomes)
+                skip_dependents(self.plan, name, outcomes)
             self.status.update(outcomes, len(self.handles), max(1, len(self.handles)), outcomes[name])
 
 
@@ -403,7 +403,7 @@ class _SlurmPlan(_Waiter):
                 continue
             lost = [a for a in job.after if a in outcomes and outcomes[a].status not in ("done", "reused")]
             if lost:  # its dependency could not be submitted
-                _skip_dependents(self.plan, lost[0], outcomes)
+                skip_dependents(self.plan, lost[0], outcomes)
                 continue
             old = record.get(job.name, {})
             if old and old.get("fingerprint") == _fingerprint(job):
@@ -424,7 +424,7 @@ class _SlurmPlan(_Waiter):
                     raise KDLabError(f"sbatch refused the job {job.label or job.name}: {why}; check the launcher "
                                      "settings (partition, account, qos, time_min, sbatch)") from None
                 outcomes[job.name] = Outcome(job, "failed", f"sbatch: {why}")
-                _skip_dependents(self.plan, job.name, outcomes)
+                skip_dependents(self.plan, job.name, outcomes)
                 continue
             self.handles[job.name] = handle
             record[job.name] = {"id": handle.job_id, "tasks": handle.num_tasks, "fingerprint": _fingerprint(job)}
@@ -474,7 +474,7 @@ class _LocalPlan(_Waiter):
         threads = self.options.threads or (None if self.settings.cpus_per_job else threads_per_job(slots))
         try:
             while True:
-                for job in _ready(self.plan, outcomes, set(self.handles)):
+                for job in ready_jobs(self.plan, outcomes, set(self.handles)):
                     if len(self.handles) >= slots:
                         break
                     res = job_resources(job, self.settings, threads)
