@@ -51,17 +51,29 @@ def make_config(tmp_path):
     return make
 
 
+def forget_plugins(written) -> None:
+    """Unregister the methods and forget the modules of plugin files written by a test
+    ((path, method name) pairs), so that no later test in this process meets them."""
+    import sys
+
+    from kdlab.config import plugins
+    from kdlab.methods import METHODS
+
+    for path, name in written:
+        if name in METHODS:
+            METHODS.unregister(name)
+        module = plugins._imported.pop(str(path.resolve()), None)
+        if module is not None:
+            sys.modules.pop(module.__name__, None)
+
+
 @pytest.fixture
 def method_plugin(tmp_path):
     """`write(template)`: a plugin file registering a method of a fresh name (`template` has a
     `{name}` field), returned as (path, name); the method and the module are forgotten after the
     test, so that no later test in this process meets it in the registry (a test that sets up
     every registered method would run it)."""
-    import sys
     import uuid
-
-    from kdlab.config import plugins
-    from kdlab.methods import METHODS
 
     written: list[tuple[object, str]] = []
 
@@ -73,9 +85,4 @@ def method_plugin(tmp_path):
         return path, name
 
     yield write
-    for path, name in written:
-        if name in METHODS:
-            METHODS.unregister(name)
-        module = plugins._imported.pop(str(path.resolve()), None)
-        if module is not None:
-            sys.modules.pop(module.__name__, None)
+    forget_plugins(written)

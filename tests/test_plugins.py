@@ -21,6 +21,8 @@ from kdlab.errors import ConfigError
 from kdlab.methods import METHODS
 from kdlab.schema.compare import experiment_identity
 
+from conftest import forget_plugins
+
 PLUGIN = '''\
 from typing import Literal
 
@@ -60,12 +62,7 @@ def plugin_file(tmp_path):
         return path, name
 
     yield write
-    for path, name in written:
-        if name in METHODS:
-            METHODS.unregister(name)
-        module = plugins._imported.pop(str(path.resolve()), None)
-        if module is not None:
-            sys.modules.pop(module.__name__, None)
+    forget_plugins(written)
 
 
 def write_yaml(path: Path, data: dict) -> Path:
